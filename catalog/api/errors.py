@@ -1,0 +1,40 @@
+"""Every API error is JSON: {"error": one readable sentence, "fields": {...} for invalid input}."""
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import JsonResponse
+from rest_framework import exceptions
+from rest_framework.serializers import as_serializer_error
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+def _flatten(data, prefix: str = "") -> list[str]:
+    if isinstance(data, dict):
+        out = []
+        for key, value in data.items():
+            label = "" if key in ("non_field_errors", "detail") else str(key)
+            out += _flatten(value, f"{prefix}.{label}".strip(".") if label else prefix)
+        return out
+    if isinstance(data, list):
+        return [msg for item in data for msg in _flatten(item, prefix)]
+    return [f"{prefix}: {data}" if prefix else str(data)]
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(detail=as_serializer_error(exc))
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    data = response.data
+    if isinstance(data, dict) and set(data) == {"detail"}:
+        response.data = {"error": str(data["detail"])}
+    else:
+        response.data = {"error": "; ".join(_flatten(data)) or "invalid input", "fields": data}
+    return response
+
+
+def json_not_found(request, exception=None):
+    return JsonResponse({"error": f"nothing at {request.path}"}, status=404)
+
+
+def json_server_error(request):
+    return JsonResponse({"error": "internal error; the failure was logged"}, status=500)

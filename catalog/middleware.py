@@ -1,0 +1,22 @@
+from django.conf import settings
+from django.http import JsonResponse
+
+
+class RequestBodyLimitMiddleware:
+    """Refuse a request body far over any accepted upload before Django reads it."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return JsonResponse({"error": "the Content-Length header is not a number"}, status=400)
+        if length > settings.MAX_REQUEST_BYTES:
+            return JsonResponse(
+                {"error": f"the request body is {length / 1e6:.1f} MB, over the "
+                          f"{settings.MAX_REQUEST_BYTES / 1e6:.1f} MB limit"},
+                status=413,
+            )
+        return self.get_response(request)

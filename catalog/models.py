@@ -1,0 +1,115 @@
+"""The catalog. The database is the source of truth: the vector index can always be rebuilt from it."""
+import numpy as np
+from django.db import models
+
+
+class Category(models.Model):
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=200, unique=True)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+        verbose_name_plural = "categories"
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def path(self) -> str:
+        """Slash path of slugs from the root, e.g. "food/fruit"."""
+        parts, node, seen = [], self, set()
+        while node is not None and node.pk not in seen:
+            seen.add(node.pk)
+            parts.append(node.slug)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+
+class Product(models.Model):
+    sku = models.CharField(max_length=64, unique=True)
+    title = models.CharField(max_length=300)
+    description = models.TextField(blank=True, default="")
+    price = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
+    currency = models.CharField(max_length=3, default="USD")
+    category = models.ForeignKey(
+        Category, null=True, blank=True, on_delete=models.SET_NULL, related_name="products"
+    )
+    attributes = models.JSONField(default=dict, blank=True)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["category", "is_active"])]
+
+    def __str__(self) -> str:
+        return f"{self.sku} {self.title}"
+
+
+class ProductImage(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        PROCESSING = "processing"
+        INDEXED = "indexed"
+        FAILED = "failed"
+
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="images")
+    file = models.FileField(upload_to="images/", max_length=255)
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error = models.TextField(blank=True, default="")
+    model_identity = models.CharField(max_length=100, blank=True, default="", db_index=True)
+    embedding = models.BinaryField(null=True, blank=True, editable=False)
+    labels = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            # The same bytes twice on one product are one image.
+            models.UniqueConstraint(fields=["product", "sha256"], name="unique_image_bytes_per_product"),
+        ]
+
+    def __str__(self) -> str:
+        return f"image {self.pk} of {self.product.sku}"
+
+    def vector(self) -> np.ndarray | None:
+        """The stored embedding as float32, or None before the image is embedded."""
+        if self.embedding is None:
+            return None
+        return np.frombuffer(bytes(self.embedding), dtype=np.float32)
+
+
+class CategoryPrediction(models.Model):
+    class Status(models.TextChoices):
+        SUGGESTED = "suggested"
+        ACCEPTED = "accepted"
+        REJECTED = "rejected"
+
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="predictions")
+    category = models.ForeignKey(Category, on_delete=models.CASCADE, related_name="predictions")
+    score = models.FloatField()
+    head_version = models.CharField(max_length=64)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.SUGGESTED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["product_id", "-score"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["product", "category", "head_version"], name="unique_prediction_per_head"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.product.sku} -> {self.category.path} ({self.score:.2f})"

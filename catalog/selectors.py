@@ -1,0 +1,41 @@
+"""Reads from the catalog."""
+from django.db.models import Prefetch, QuerySet
+
+from catalog.models import Category, CategoryPrediction, Product, ProductImage
+
+
+def category_list() -> QuerySet[Category]:
+    return Category.objects.select_related("parent").order_by("slug")
+
+
+def category_descendant_ids(category_id: int) -> list[int]:
+    """The category and every category below it."""
+    children: dict[int | None, list[int]] = {}
+    for pk, parent_id in Category.objects.values_list("id", "parent_id"):
+        children.setdefault(parent_id, []).append(pk)
+    result, stack = [], [category_id]
+    while stack:
+        pk = stack.pop()
+        if pk in result:
+            continue
+        result.append(pk)
+        stack.extend(children.get(pk, []))
+    return result
+
+
+def product_list(*, active_only: bool = False) -> QuerySet[Product]:
+    """Products with their images and suggestions prefetched; API filters narrow this further."""
+    products = Product.objects.select_related("category").prefetch_related(
+        Prefetch("images", queryset=ProductImage.objects.order_by("id")),
+        Prefetch(
+            "predictions",
+            queryset=CategoryPrediction.objects.select_related("category").order_by("-score"),
+        ),
+    )
+    if active_only:
+        products = products.filter(is_active=True)
+    return products.order_by("id")
+
+
+def product_image_list() -> QuerySet[ProductImage]:
+    return ProductImage.objects.select_related("product").order_by("id")

@@ -1,0 +1,47 @@
+"""The admin as a catalog admin uses it."""
+import pytest
+from django.contrib.auth import get_user_model
+
+from catalog import services
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def admin_client(client):
+    user = get_user_model().objects.create_superuser("root", password="root-pass-123")
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def catalog(settings, tmp_path, photo):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    fruit = services.category_get_or_create_path(path="food/fruit")
+    apple = services.product_create(sku="APL-1", title="Red apple", category=fruit, price="1.00")
+    services.product_create(sku="BAL-1", title="Blue ball")
+    image, _ = services.product_image_add(product=apple, data=photo("coffee"), filename="apple.jpg")
+    return apple, image
+
+
+@pytest.mark.parametrize("model", ["category", "product", "productimage", "categoryprediction"])
+def test_every_model_has_an_admin(admin_client, model):
+    assert admin_client.get(f"/admin/catalog/{model}/").status_code == 200
+
+
+def test_product_page_shows_image_thumbnails(admin_client, catalog):
+    apple, image = catalog
+    page = admin_client.get(f"/admin/catalog/product/{apple.pk}/change/").content.decode()
+    assert f'src="{image.file.url}"' in page
+    listing = admin_client.get("/admin/catalog/product/").content.decode()
+    assert f'src="{image.file.url}"' in listing
+
+
+def test_product_list_filters_and_search(admin_client, catalog):
+    apple, _ = catalog
+    by_search = admin_client.get("/admin/catalog/product/", {"q": "BAL"}).content.decode()
+    assert "Blue ball" in by_search and "Red apple" not in by_search
+    by_category = admin_client.get("/admin/catalog/product/", {"category__id__exact": apple.category_id}).content.decode()
+    assert "Red apple" in by_category and "Blue ball" not in by_category
+    by_status = admin_client.get("/admin/catalog/product/", {"images__status": "pending"}).content.decode()
+    assert "Red apple" in by_status and "Blue ball" not in by_status
