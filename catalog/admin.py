@@ -1,7 +1,8 @@
 from django.contrib import admin
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from catalog.models import Category, CategoryPrediction, Product, ProductImage
+from catalog.ingest import ingest_job_current, ingest_job_errors
+from catalog.models import Category, CategoryPrediction, IngestJob, Product, ProductImage
 
 
 def thumbnail(image: ProductImage | None, height: int = 80) -> str:
@@ -74,3 +75,42 @@ class CategoryPredictionAdmin(admin.ModelAdmin):
     list_filter = ["status", "category", "head_version"]
     search_fields = ["product__sku", "product__title"]
     raw_id_fields = ["product"]
+
+
+@admin.register(IngestJob)
+class IngestJobAdmin(admin.ModelAdmin):
+    """Jobs arrive through POST /api/ingest-jobs/ or `manage.py ingest`; here they are followed."""
+
+    list_display = ["id", "status", "progress", "total", "succeeded", "failed", "images_per_s", "created_by",
+                    "created_at", "finished_at"]
+    list_filter = ["status"]
+    fields = ["status", "progress", "total", "processed", "succeeded", "failed", "images_per_s", "manifest",
+              "archive", "created_by", "created_at", "started_at", "finished_at", "error_list"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def get_object(self, request, object_id, from_field=None):
+        job = super().get_object(request, object_id, from_field)
+        return ingest_job_current(job=job) if job is not None else None
+
+    @admin.display(description="progress")
+    def progress(self, job: IngestJob) -> str:
+        percent = round(100 * job.processed / job.total) if job.total else (100 if job.is_finished else 0)
+        colour = {"failed": "#ba2121", "completed_with_errors": "#c77c02"}.get(job.status, "#417690")
+        return format_html(
+            '<div title="{} of {} rows" style="width:160px;background:#e8e8e8;border-radius:3px">'
+            '<div class="ingest-progress" style="width:{}%;background:{};height:12px;border-radius:3px"></div>'
+            "</div>{}%",
+            job.processed, job.total, percent, colour, percent,
+        )
+
+    @admin.display(description="errors")
+    def error_list(self, job: IngestJob) -> str:
+        errors = ingest_job_errors(job=job, limit=200)
+        lines = [f"row {e['row']} ({e['sku']}): {e['error']}" if e["row"] is not None else e["error"] for e in errors]
+        return format_html_join("", "<div>{}</div>", ((line,) for line in lines)) if lines else "-"

@@ -13,10 +13,11 @@ class RequestBodyLimitMiddleware:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             return JsonResponse({"error": "the Content-Length header is not a number"}, status=400)
-        if length > settings.MAX_REQUEST_BYTES:
+        limit = getattr(settings, "MAX_REQUEST_BYTES_BY_PATH", {}).get(request.path, settings.MAX_REQUEST_BYTES)
+        if length > limit:
             return JsonResponse(
                 {"error": f"the request body is {length / 1e6:.1f} MB, over the "
-                          f"{settings.MAX_REQUEST_BYTES / 1e6:.1f} MB limit"},
+                          f"{limit / 1e6:.1f} MB limit"},
                 status=413,
             )
         return self.get_response(request)

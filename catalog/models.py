@@ -1,6 +1,8 @@
 """The catalog. The database is the source of truth: the vector index can always be rebuilt from it."""
 import numpy as np
+from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Category(models.Model):
@@ -113,3 +115,86 @@ class CategoryPrediction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.product.sku} -> {self.category.path} ({self.score:.2f})"
+
+
+def _ingest_file_path(job: "IngestJob", filename: str) -> str:
+    return f"ingest/{job.pk}/{filename}"
+
+
+class IngestJob(models.Model):
+    """A bulk import of a manifest (and an optional ZIP of images). Its progress is derived from its rows."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        COMPLETED_WITH_ERRORS = "completed_with_errors"
+        FAILED = "failed"
+
+    FINISHED = (Status.SUCCEEDED, Status.COMPLETED_WITH_ERRORS, Status.FAILED)
+
+    status = models.CharField(max_length=24, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    manifest = models.FileField(upload_to=_ingest_file_path, max_length=255)
+    manifest_format = models.CharField(max_length=8, choices=[("csv", "CSV"), ("jsonl", "JSON Lines")])
+    archive = models.FileField(upload_to=_ingest_file_path, max_length=255, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="ingest_jobs"
+    )
+    total = models.PositiveIntegerField(default=0)
+    processed = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    images_indexed = models.PositiveIntegerField(default=0)
+    # Errors of the whole job (an unusable manifest); row errors live on the rows.
+    errors = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name = "ingest job"
+
+    def __str__(self) -> str:
+        return f"ingest job {self.pk} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Images indexed per second of the job's run so far."""
+        if self.started_at is None:
+            return None
+        seconds = ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
+        return round(self.images_indexed / seconds, 2) if seconds > 0 else None
+
+
+class IngestRow(models.Model):
+    """One manifest row. Its state is what lets a re-delivered chunk skip the work already done."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"  # product and image stored; the image may still be waiting for the index
+        FAILED = "failed"
+
+    job = models.ForeignKey(IngestJob, on_delete=models.CASCADE, related_name="rows")
+    number = models.PositiveIntegerField(help_text="1 is the first row after the header")
+    sku = models.CharField(max_length=200, blank=True, default="")
+    data = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    error = models.TextField(blank=True, default="")
+    image = models.ForeignKey(
+        ProductImage, null=True, blank=True, on_delete=models.SET_NULL, related_name="ingest_rows"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["job_id", "number"]
+        constraints = [models.UniqueConstraint(fields=["job", "number"], name="unique_ingest_row_number")]
+        indexes = [models.Index(fields=["job", "status"])]
+
+    def __str__(self) -> str:
+        return f"row {self.number} of ingest job {self.job_id}"

@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils.text import slugify
 
 from catalog.models import Category, Product, ProductImage
+from catalog.queue import enqueue, queue_check
 from ml.images import ImageDecodeError, inspect_image
 
 logger = logging.getLogger(__name__)
@@ -164,8 +165,12 @@ def product_delete(*, product: Product) -> None:
 
 # Images
 
-def product_image_add(*, product: Product, data: bytes, filename: str = "") -> tuple[ProductImage, bool]:
+def product_image_add(
+    *, product: Product, data: bytes, filename: str = "", queue: bool = True
+) -> tuple[ProductImage, bool]:
     """Store an uploaded image for a product. Returns (image, created); the same bytes twice are one image.
+
+    With queue=False the caller queues the new image for embedding itself (in batches).
 
     The bytes are decoded in full before anything is stored, so a file the model could never read is
     refused here with a readable reason instead of failing later in a worker.
@@ -188,6 +193,8 @@ def product_image_add(*, product: Product, data: bytes, filename: str = "") -> t
     existing = ProductImage.objects.filter(product=product, sha256=sha256).first()
     if existing is not None:
         return existing, False
+    if queue:
+        queue_check()  # accept nothing that cannot be queued: the client gets a 503 and retries
 
     ext = FORMAT_EXTENSIONS.get(info.format, "img")
     stem = PurePath(filename).stem[:40] if filename else "image"
@@ -200,7 +207,8 @@ def product_image_add(*, product: Product, data: bytes, filename: str = "") -> t
             )
             image.file.save(name, ContentFile(data), save=False)
             image.save()
-            transaction.on_commit(lambda: _after_image_added(image.pk))
+            if queue:
+                transaction.on_commit(lambda: _after_image_added(image.pk))
     except IntegrityError:
         # A concurrent upload of the same bytes won the race; theirs is the one image.
         return ProductImage.objects.get(product=product, sha256=sha256), False
@@ -215,11 +223,18 @@ def product_image_delete(*, image: ProductImage) -> None:
 
 
 def _after_image_added(image_id: int) -> None:
-    """Hook for the pipeline: queue the image for embedding once its row is committed."""
+    from catalog.pipeline import images_queue_embedding
+
+    images_queue_embedding(image_ids=[image_id])
 
 
 def _after_images_deleted(image_ids: list[int], file_names: list[str]) -> None:
     from django.core.files.storage import default_storage
+
+    from workers.tasks import index_images
+
+    if image_ids:
+        enqueue(index_images, remove_ids=image_ids)
 
     still_used = set(ProductImage.objects.filter(file__in=file_names).values_list("file", flat=True))
     for name in file_names:

@@ -28,3 +28,53 @@ def photo_bytes(name: str = "chelsea", fmt: str = "JPEG", size: tuple[int, int] 
 @pytest.fixture
 def photo():
     return photo_bytes
+
+
+@pytest.fixture
+def isolated_data(settings, tmp_path):
+    """Media and index files in a per-test directory, never in the developer's data directory."""
+    from catalog import pipeline, search
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.INDEX_DIR = tmp_path / "index"
+    pipeline._writer_indexes.clear()
+    search._readers.clear()
+    yield tmp_path
+    pipeline._writer_indexes.clear()
+    search._readers.clear()
+
+
+@pytest.fixture
+def anon():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def staff_user(db):
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("staff", password="staff-pass-123", is_staff=True)
+
+
+@pytest.fixture
+def staff(staff_user):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff_user).key}")
+    return client
+
+
+@pytest.fixture
+def shopper(db):
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    user = get_user_model().objects.create_user("shopper", password="shopper-pass-123")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client

@@ -169,8 +169,19 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 IMAGE_ALLOWED_FORMATS = [f.upper() for f in env_list("VISUALSEARCH_IMAGE_FORMATS", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])]
 IMAGE_MAX_PIXELS = env_int("VISUALSEARCH_IMAGE_MAX_PIXELS", 40_000_000)
 INDEX_DIR = DATA_DIR / "index"
+
+# Images fetched from user-given URLs (search by URL, ingest manifests).
+FETCH_CONNECT_TIMEOUT = 3.0
+FETCH_READ_TIMEOUT = 10.0
+FETCH_TOTAL_TIMEOUT = env_int("VISUALSEARCH_FETCH_TIMEOUT", 30)
+# Only tests turn this on, to fetch from a server on 127.0.0.1; never in a deployment.
+FETCH_ALLOW_PRIVATE_ADDRESSES = False
 EMBED_BACKBONE = env_str("VISUALSEARCH_BACKBONE", "resnet50")
 EMBED_WEIGHTS = env_str("VISUALSEARCH_WEIGHTS", "imagenet")
+EMBED_PRECISION = env_str("VISUALSEARCH_PRECISION", "auto")
+# Embedded mode falls back to the offline EfficientNet-Lite0 when ResNet-50's weights are absent;
+# production fails loudly instead, so a fleet never mixes backbones by accident.
+EMBED_FALLBACK = env_bool("VISUALSEARCH_BACKBONE_FALLBACK", not PRODUCTION)
 DEFAULT_CURRENCY = env_str("VISUALSEARCH_DEFAULT_CURRENCY", "USD")
 
 REST_FRAMEWORK = {
@@ -185,6 +196,7 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "catalog.api.errors.exception_handler",
     "DEFAULT_THROTTLE_RATES": {
         "uploads": env_str("VISUALSEARCH_UPLOAD_RATE", "120/min"),
+        "search": env_str("VISUALSEARCH_SEARCH_RATE", "600/min"),
     },
 }
 SPECTACULAR_SETTINGS = {
@@ -200,16 +212,62 @@ SPECTACULAR_SETTINGS = {
 }
 
 # Celery: with no broker, tasks run in-process (eager) so the embedded default works end to end.
-CELERY_BROKER_URL = CELERY_BROKER_URL or "memory://"
+CELERY_BROKER_URL = CELERY_BROKER_URL or "memory://localhost/"
 CELERY_TASK_ALWAYS_EAGER = not PRODUCTION or env_bool("VISUALSEARCH_TASKS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = False
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# embed: model inference (GPU workers in production); index: the single writer of the vector index;
+# default: I/O and bookkeeping. README: one worker command per queue.
+CELERY_TASK_ROUTES = {
+    "workers.tasks.embed_images": {"queue": "embed"},
+    "workers.tasks.index_images": {"queue": "index"},
+    "workers.tasks.start_ingest_job": {"queue": "default"},
+    "workers.tasks.ingest_rows": {"queue": "default"},
+    "workers.tasks.refresh_ingest_jobs": {"queue": "default"},
+    "workers.tasks.*": {"queue": "default"},
+}
+CELERY_BEAT_SCHEDULE = {
+    "requeue-stale-images": {
+        "task": "workers.tasks.requeue_stale_images",
+        "schedule": float(env_int("VISUALSEARCH_SWEEP_SECONDS", 30)),
+    },
+    "refresh-ingest-jobs": {
+        "task": "workers.tasks.refresh_ingest_jobs",
+        "schedule": float(env_int("VISUALSEARCH_INGEST_SWEEP_SECONDS", 2)),
+    },
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# A decoder or model that hangs is stopped; the task is retried, then its images end failed.
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("VISUALSEARCH_TASK_SOFT_TIME_LIMIT", 600)
+CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # The API answers 503 quickly when the broker is down instead of hanging on publish retries.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+# A task whose worker died unacknowledged is redelivered after the visibility timeout.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
+    "visibility_timeout": env_int("VISUALSEARCH_VISIBILITY_TIMEOUT", 600),
+}
+# Images left pending or processing this long are queued again (a lost message, a broker outage).
+STALE_IMAGE_SECONDS = env_int("VISUALSEARCH_STALE_IMAGE_SECONDS", 120)
+EMBED_BATCH_SIZE = env_int("VISUALSEARCH_EMBED_BATCH", 32)
+INDEX_EXACT_THRESHOLD = env_int("VISUALSEARCH_INDEX_EXACT_THRESHOLD", 50_000)
+
+# Bulk ingest jobs (catalog/ingest.py): caps on what an upload may hold, and how the work is split.
+INGEST_MAX_MANIFEST_BYTES = env_int("VISUALSEARCH_INGEST_MAX_MANIFEST_BYTES", 100 * 1024 * 1024)
+INGEST_MAX_ARCHIVE_BYTES = env_int("VISUALSEARCH_INGEST_MAX_ARCHIVE_BYTES", 2 * 1024 ** 3)  # uncompressed
+INGEST_MAX_FILES = env_int("VISUALSEARCH_INGEST_MAX_FILES", 100_000)
+# A member expanding more than this many times is refused as a zip bomb (photos barely compress).
+INGEST_MAX_COMPRESSION_RATIO = env_int("VISUALSEARCH_INGEST_MAX_COMPRESSION_RATIO", 100)
+INGEST_CHUNK_ROWS = env_int("VISUALSEARCH_INGEST_CHUNK_ROWS", 50)
+# A running job whose rows have not moved for this long has its pending rows queued again (a lost message).
+INGEST_STALE_SECONDS = env_int("VISUALSEARCH_INGEST_STALE_SECONDS", 900)
+# The ingest endpoint takes bodies up to an archive and a manifest; other bodies keep MAX_REQUEST_BYTES.
+MAX_REQUEST_BYTES_BY_PATH = {
+    "/api/ingest-jobs/": INGEST_MAX_ARCHIVE_BYTES + INGEST_MAX_MANIFEST_BYTES + 1024 * 1024,
+}
 
 if PRODUCTION:
     SECURE_SSL_REDIRECT = env_bool("VISUALSEARCH_SSL_REDIRECT", True)

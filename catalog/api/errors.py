@@ -18,10 +18,21 @@ def _flatten(data, prefix: str = "") -> list[str]:
     return [f"{prefix}: {data}" if prefix else str(data)]
 
 
+class ServiceUnavailable(exceptions.APIException):
+    status_code = 503
+    default_detail = "the service is temporarily unavailable; try again shortly"
+
+
 def exception_handler(exc, context):
+    from catalog.queue import QueueUnavailable
+
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(detail=as_serializer_error(exc))
+    if isinstance(exc, QueueUnavailable):
+        exc = ServiceUnavailable(detail=str(exc))
     response = drf_exception_handler(exc, context)
+    if isinstance(exc, ServiceUnavailable) and response is not None:
+        response["Retry-After"] = "30"
     if response is None:
         return None
     data = response.data

@@ -3,6 +3,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authtoken.views import obtain_auth_token
 
 from catalog.api import views
+from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi
+from catalog.api.search import SearchApi
 
 urlpatterns = [
     path("auth/token/", obtain_auth_token, name="api-token"),
@@ -12,6 +14,9 @@ urlpatterns = [
     path("products/<int:pk>/", views.ProductDetailApi.as_view(), name="product-detail"),
     path("products/<int:pk>/images/", views.ProductImageUploadApi.as_view(), name="product-images"),
     path("images/<int:pk>/", views.ImageDetailApi.as_view(), name="image-detail"),
+    path("search/", SearchApi.as_view(), name="search"),
+    path("ingest-jobs/", IngestJobCreateApi.as_view(), name="ingest-job-list"),
+    path("ingest-jobs/<int:pk>/", IngestJobDetailApi.as_view(), name="ingest-job-detail"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
 ]

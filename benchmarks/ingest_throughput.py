@@ -1,0 +1,151 @@
+"""End-to-end bulk ingest images/s through the API, next to the bare embedding images/s of the same model.
+
+    .venv/bin/python benchmarks/ingest_throughput.py --n 2000
+
+N distinct 800x800 JPEGs are made from scikit-image's real photos (astronaut, coffee, chelsea, rocket:
+random crops, flips and colour shifts), zipped with a CSV manifest, and POSTed to /api/ingest-jobs/ as a
+staff client would; the clock runs from the POST until GET /api/ingest-jobs/{id}/ says the job finished,
+i.e. until every image is stored, embedded and searchable in the published index.
+
+Mode: by default the embedded default (a fresh SQLite database and data directory in a temporary folder,
+Celery tasks in-process), so the one "worker" is this process. With DATABASE_URL and CELERY_BROKER_URL
+set (a migrated database; VISUALSEARCH_DATA_DIR shared with the worker) it measures through one worker
+started as `celery -A visualsearch worker -c 1 -Q embed,index,default`.
+
+The bare figure is `pipeline.get_embedder().embed` alone on the same images, decoded beforehand exactly
+as the pipeline decodes them (outside the clock), in batches of EMBED_BATCH_SIZE; it is measured before
+and after the ingest and averaged, so the load of a shared machine weighs on both figures alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def distinct_photos(n: int, size: int = 800, seed: int = 0):
+    """n different size x size JPEGs from real photos: a random crop, a flip, a colour shift each."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    sources = [Image.fromarray(getattr(data, name)()[..., :3]) for name in PHOTOS]
+    for i in range(n):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        side = int(min(w, h) * rng.uniform(0.55, 1.0))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        img = src.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        shift = rng.uniform(0.8, 1.2, size=3)
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * shift, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        yield buf.getvalue()
+
+
+def build_upload(n: int, size: int) -> tuple[bytes, bytes, list[bytes]]:
+    zbuf, lines, images = io.BytesIO(), ["sku,title,image,category,price"], []
+    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as archive:  # JPEGs do not compress
+        for i, data in enumerate(distinct_photos(n, size)):
+            archive.writestr(f"images/{i:05d}.jpg", data)
+            lines.append(f"BENCH-{i:05d},Benchmark photo {i},images/{i:05d}.jpg,benchmark/{PHOTOS[i % 4]},{i % 90 + 9}.99")
+            images.append(data)
+    return ("\n".join(lines) + "\n").encode(), zbuf.getvalue(), images
+
+
+def bare_embedding(model, images: list[bytes], batch_size: int) -> float:
+    """Images/s of model.embed alone; decoding happens outside the clock, as the pipeline decodes."""
+    from django.conf import settings
+
+    from ml.images import decode_image
+
+    seconds = 0.0
+    for start in range(0, len(images), batch_size):
+        decoded = [
+            decode_image(data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
+                         max_pixels=settings.IMAGE_MAX_PIXELS, min_side=model.min_side)[0]
+            for data in images[start:start + batch_size]
+        ]
+        t = time.perf_counter()
+        model.embed(decoded)
+        seconds += time.perf_counter() - t
+    return len(images) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="images (default 2000)")
+    parser.add_argument("--size", type=int, default=800, help="side of each square JPEG (default 800)")
+    args = parser.parse_args()
+
+    embedded = not (os.environ.get("DATABASE_URL") or os.environ.get("CELERY_BROKER_URL"))
+    if embedded:
+        os.environ["VISUALSEARCH_DATA_DIR"] = tempfile.mkdtemp(prefix="ingest-bench-")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "visualsearch.settings")
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from rest_framework.test import APIClient
+
+    from catalog import pipeline
+
+    if embedded:
+        call_command("migrate", verbosity=0)
+    t = time.perf_counter()
+    manifest, archive, images = build_upload(args.n, args.size)
+    print(f"data: {args.n} distinct {args.size}x{args.size} JPEGs, ZIP {len(archive) / 1e6:.1f} MB "
+          f"({time.perf_counter() - t:.1f} s to make)")
+
+    model = pipeline.get_embedder()
+    model.embed([Image.new("RGB", (args.size, args.size))] * 2)  # warm up: first-call allocations
+    print(f"model: {model.identity.key} on {model.device}, {model.precision}, torch threads "
+          f"{__import__('torch').get_num_threads()}; batch {settings.EMBED_BATCH_SIZE}; "
+          f"mode: {'embedded (tasks in-process)' if embedded else 'one worker via ' + settings.CELERY_BROKER_URL}")
+
+    bare_before = bare_embedding(model, images, settings.EMBED_BATCH_SIZE)
+
+    user, _ = get_user_model().objects.get_or_create(username="ingest-benchmark", defaults={"is_staff": True})
+    client = APIClient()
+    client.force_authenticate(user=user)
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    t0 = time.perf_counter()
+    response = client.post("/api/ingest-jobs/", {"manifest": SimpleUploadedFile("bench.csv", manifest),
+                                                 "archive": SimpleUploadedFile("bench.zip", archive)},
+                           format="multipart")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["id"]
+    while True:
+        body = client.get(f"/api/ingest-jobs/{job_id}/").json()
+        if body["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.2)
+    end_to_end = args.n / (time.perf_counter() - t0)
+    assert body["status"] == "succeeded" and body["succeeded"] == args.n, body
+
+    bare_after = bare_embedding(model, images, settings.EMBED_BATCH_SIZE)
+    bare = (bare_before + bare_after) / 2
+    print(f"bare embedding:        {bare:7.1f} images/s (before {bare_before:.1f}, after {bare_after:.1f})")
+    print(f"end-to-end via the API: {end_to_end:6.1f} images/s (the job's own images_per_s: {body['images_per_s']})")
+    print(f"ratio:                 {end_to_end / bare:7.1%} (target: at least 85 %)")
+
+
+if __name__ == "__main__":
+    main()

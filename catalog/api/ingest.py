@@ -1,0 +1,83 @@
+"""Bulk ingest jobs: POST a manifest (and a ZIP of images), then follow the job until it finishes."""
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.parsers import MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from catalog.api.permissions import IsStaff
+from catalog.ingest import COLUMNS, ingest_job_create, ingest_job_current, ingest_job_errors
+from catalog.models import IngestJob
+
+ERROR = OpenApiResponse(description='{"error": "...", "fields": {...}}')
+
+
+class IngestJobInput(serializers.Serializer):
+    manifest = serializers.FileField(
+        help_text=f"CSV with the header {','.join(COLUMNS)} (sku, title and image required), or JSON Lines "
+                  "with the same fields. `image` is a path inside the archive or an http(s) URL; `category` "
+                  "a slash path such as food/fruit.",
+    )
+    archive = serializers.FileField(required=False, help_text="A ZIP of the images the manifest names.")
+
+
+class IngestJobAccepted(serializers.ModelSerializer):
+    class Meta:
+        model = IngestJob
+        fields = ["id", "status"]
+
+
+class IngestJobError(serializers.Serializer):
+    row = serializers.IntegerField(allow_null=True, help_text="The row's line in the manifest (the CSV header is line 1).")
+    sku = serializers.CharField(allow_null=True)
+    error = serializers.CharField()
+
+
+class IngestJobOutput(serializers.ModelSerializer):
+    errors = serializers.SerializerMethodField()
+    images_per_s = serializers.FloatField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = IngestJob
+        fields = ["id", "status", "total", "processed", "succeeded", "failed", "errors", "started_at",
+                  "finished_at", "images_per_s"]
+
+    @extend_schema(responses=IngestJobError(many=True))
+    def get_errors(self, job: IngestJob) -> list[dict]:
+        return ingest_job_errors(job=job)
+
+
+class IngestJobCreateApi(APIView):
+    permission_classes = [IsStaff]
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={"multipart/form-data": IngestJobInput},
+        responses={202: IngestJobAccepted, 400: ERROR, 503: ERROR},
+        description="Queue a bulk import. A manifest without the required columns, one that is not UTF-8, or an "
+                    "unsafe archive is a 400 and nothing is stored; a bad row only marks that row.",
+    )
+    def post(self, request):
+        data = IngestJobInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        job = ingest_job_create(
+            manifest=data.validated_data["manifest"], archive=data.validated_data.get("archive"),
+            created_by=request.user,
+        )
+        response = Response(IngestJobAccepted(job).data, status=status.HTTP_202_ACCEPTED)
+        response["Location"] = request.build_absolute_uri(f"{job.pk}/")
+        return response
+
+
+class IngestJobDetailApi(APIView):
+    permission_classes = [IsStaff]
+
+    @extend_schema(
+        responses=IngestJobOutput,
+        description="The job's progress, current to the second while it runs; errors lists the failed rows "
+                    "(the first 1000).",
+    )
+    def get(self, request, pk: int):
+        job = ingest_job_current(job=get_object_or_404(IngestJob, pk=pk))
+        return Response(IngestJobOutput(job).data)

@@ -1,0 +1,195 @@
+"""Similar-product search over the published vector index.
+
+Each searching process holds an IndexReader on the active index; it checks the manifest at most every
+READER_CHECK_SECONDS and swaps in a new version without blocking searches already running.
+"""
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from catalog.models import Category, Product, ProductImage
+from catalog.pipeline import active_index, get_embedder
+from catalog.selectors import category_descendant_ids
+from ml.images import ImageDecodeError, decode_image
+from ml.index import IndexFileError, IndexReader, index_directory
+
+READER_CHECK_SECONDS = 0.5
+
+_readers: dict[str, IndexReader] = {}
+_readers_lock = threading.Lock()
+
+
+class SearchUnavailable(Exception):
+    """No index is published yet: nothing has been embedded."""
+
+
+def index_reader() -> IndexReader:
+    active = active_index()
+    if active is None:
+        raise SearchUnavailable("no image has been indexed yet; upload product images and try again")
+    directory = index_directory(settings.INDEX_DIR, active["identity"])
+    with _readers_lock:
+        reader = _readers.get(str(directory))
+        if reader is None:
+            reader = IndexReader(directory, expected_identity=active["identity"], check_interval=READER_CHECK_SECONDS)
+            _readers[str(directory)] = reader
+    return reader
+
+
+def similar_images(vector: np.ndarray, *, k: int, allow_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """(image id, cosine score) of the k nearest indexed images, best first."""
+    try:
+        index = index_reader().current()
+    except IndexFileError as exc:
+        raise SearchUnavailable(str(exc)) from exc
+    scores, ids = index.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), k, allow_ids=allow_ids)
+    return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+
+@dataclass(frozen=True)
+class ProductHit:
+    product: Product
+    image_id: int
+    score: float
+
+
+def similar_products(
+    vector: np.ndarray,
+    *,
+    k: int,
+    products=None,
+    exclude_product_id: int | None = None,
+) -> list[ProductHit]:
+    """The k most similar active products, one hit per product (its best image), best first.
+
+    `products` (a queryset) restricts the search inside the index through an allow-list of its image
+    ids, so k hits come back whenever k such products have indexed images.
+    """
+    candidates = Product.objects.filter(is_active=True) if products is None else products.filter(is_active=True)
+    if exclude_product_id is not None:
+        candidates = candidates.exclude(pk=exclude_product_id)
+    allow = None
+    if products is not None or exclude_product_id is not None:
+        allow = np.fromiter(
+            ProductImage.objects.filter(product__in=candidates).values_list("id", flat=True), dtype=np.int64
+        )
+        if allow.size == 0:
+            return []
+    fetch = max(k * 3, 30)
+    while True:
+        found = similar_images(vector, k=fetch, allow_ids=allow)
+        owner = dict(
+            ProductImage.objects.filter(id__in=[i for i, _ in found], product__in=candidates)
+            .values_list("id", "product_id")
+        )
+        best: dict[int, tuple[int, float]] = {}
+        for image_id, score in found:
+            product_id = owner.get(image_id)
+            if product_id is not None and product_id not in best:
+                best[product_id] = (image_id, score)
+        exhausted = len(found) < fetch
+        if len(best) >= k or exhausted:
+            break
+        fetch *= 4
+    ranked = sorted(best.items(), key=lambda item: -item[1][1])[:k]
+    by_id = Product.objects.select_related("category").prefetch_related("images").in_bulk([p for p, _ in ranked])
+    return [ProductHit(by_id[p], image_id, score) for p, (image_id, score) in ranked if p in by_id]
+
+
+# ----- shopper queries ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[ProductHit]
+    predicted_categories: list[tuple[Category, float]]
+    labels: list[tuple[str, float]]
+    took_ms: int
+
+
+def query_embedder():
+    """The model that embedded the index search serves, so query and catalog vectors are comparable."""
+    active = active_index()
+    spec = {"backbone": active["backbone"], "weights": active["weights"]} if active else None
+    return get_embedder(spec)
+
+
+def _filtered_products(*, category_id: int | None, min_price, max_price):
+    if category_id is None and min_price is None and max_price is None:
+        return None
+    products = Product.objects.all()
+    if category_id is not None:
+        products = products.filter(category_id__in=category_descendant_ids(category_id))
+    if min_price is not None:
+        products = products.filter(price__gte=min_price)
+    if max_price is not None:
+        products = products.filter(price__lte=max_price)
+    return products
+
+
+def predict_categories(vector: np.ndarray, *, top: int = 3, neighbours: int = 20) -> list[tuple[Category, float]]:
+    """Categories of the nearest categorized catalog images, score-weighted and normalised to sum to 1."""
+    try:
+        found = similar_images(vector, k=neighbours)
+    except SearchUnavailable:
+        return []
+    owners = dict(
+        ProductImage.objects.filter(id__in=[i for i, _ in found], product__category__isnull=False,
+                                    product__is_active=True)
+        .values_list("id", "product__category_id")
+    )
+    votes: dict[int, float] = {}
+    for image_id, score in found:
+        if image_id in owners:
+            votes[owners[image_id]] = votes.get(owners[image_id], 0.0) + float(np.exp(score / 0.1))
+    total = sum(votes.values())
+    ranked = sorted(votes.items(), key=lambda item: -item[1])[:top]
+    categories = Category.objects.in_bulk([c for c, _ in ranked])
+    return [(categories[c], v / total) for c, v in ranked if c in categories]
+
+
+def search_catalog(
+    *,
+    image_data: bytes | None = None,
+    product_id: int | None = None,
+    k: int = 10,
+    category_id: int | None = None,
+    min_price=None,
+    max_price=None,
+) -> SearchResult:
+    """Search by an image (never stored) or by a catalog product ("more like this")."""
+    started = time.perf_counter()
+    labels: list[tuple[str, float]] = []
+    if image_data is not None:
+        model = query_embedder()
+        try:
+            pil, _ = decode_image(
+                image_data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
+                max_pixels=settings.IMAGE_MAX_PIXELS, min_side=model.min_side,
+            )
+        except ImageDecodeError as exc:
+            raise ValidationError({"image": str(exc)}) from None
+        embedded = model.embed([pil])
+        vector, labels = embedded.vectors[0], list(embedded.labels[0])
+    else:
+        vectors = [
+            image.vector() for image in ProductImage.objects.filter(product_id=product_id, status="indexed")
+            if image.vector() is not None
+        ]
+        if not Product.objects.filter(pk=product_id).exists():
+            raise ValidationError({"product": f"there is no product {product_id}"})
+        if not vectors:
+            raise ValidationError({"product": f"product {product_id} has no indexed image yet"})
+        vector = np.mean(vectors, axis=0)
+        vector /= max(float(np.linalg.norm(vector)), 1e-12)
+    products = _filtered_products(category_id=category_id, min_price=min_price, max_price=max_price)
+    try:
+        hits = similar_products(vector, k=k, products=products, exclude_product_id=product_id)
+        predicted = predict_categories(vector)
+    except SearchUnavailable:
+        hits, predicted = [], []
+    return SearchResult(hits=hits, predicted_categories=predicted, labels=labels,
+                        took_ms=round((time.perf_counter() - started) * 1000))

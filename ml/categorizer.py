@@ -1,0 +1,464 @@
+"""The category head: the catalog's own categories predicted from image embeddings.
+
+``train_category_head`` learns from the embeddings of products that already have a
+category. It holds out a stratified share of products (all images of one product on
+one side) and trains a multinomial logistic head on the rest. The penalty and a
+softmax temperature are chosen on out-of-fold predictions of the training products
+(grouped 3-fold cross-fitting), which minimises log-loss: temperature scaling. It
+reports top-1/top-5, per-category precision and recall and the confusion matrix on the
+held-out share, then refits the head on all the data with the same settings.
+
+Calibration is what makes ``unsure_threshold`` mean what it says: among predictions
+whose top probability is about 0.6, about 60% are right.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ml.index import atomic_write
+
+DEFAULT_UNSURE_THRESHOLD = 0.5
+RETRAIN_HINT = "retrain the category head for the current model"
+
+_FORMAT = 1
+# Inverse penalty strength, as sklearn's C: total log-loss + |W|^2 / (2C) on inputs scaled
+# to unit average variance. Strongest penalty first. Stating the penalty per dataset
+# rather than per example keeps the choice right when the refit sees more data.
+_C_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+_DEFAULT_C = 3e-3  # when there are too few products to choose
+_FOLDS = 3
+_MAX_ITERATIONS = 300
+
+
+class CategoryHeadError(Exception):
+    """A saved category head cannot be used; ``str(e)`` says what to do."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top categories for one vector, best first, with calibrated probabilities."""
+
+    choices: tuple[tuple[str, float], ...]
+    unsure: bool
+
+    @property
+    def category(self) -> str:
+        return self.choices[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.choices[0][1]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    head: CategoryHead
+    metrics: dict
+
+
+class CategoryHead:
+    """softmax((((x - mean) / scale) @ weights + bias) / temperature) over ``categories``."""
+
+    def __init__(
+        self,
+        *,
+        identity: str,
+        categories: list[str],
+        weights: np.ndarray,
+        bias: np.ndarray,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        temperature: float = 1.0,
+        unsure_threshold: float = DEFAULT_UNSURE_THRESHOLD,
+        created_at: str | None = None,
+    ) -> None:
+        self.identity = identity
+        self.categories = list(categories)
+        self.weights = np.asarray(weights, dtype=np.float32)
+        self.bias = np.asarray(bias, dtype=np.float32)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.scale = np.asarray(scale, dtype=np.float32)
+        self.temperature = float(temperature)
+        self.unsure_threshold = float(unsure_threshold)
+        self.created_at = created_at or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        dim, count = self.weights.shape
+        if count != len(self.categories) or self.bias.shape != (count,):
+            raise ValueError(f"weights {self.weights.shape} and bias {self.bias.shape} do not fit {count} categories")
+        if self.mean.shape != (dim,) or self.scale.shape != (dim,):
+            raise ValueError(f"mean {self.mean.shape} and scale {self.scale.shape} do not fit dimension {dim}")
+
+    def __repr__(self) -> str:
+        return f"<CategoryHead {self.identity} {len(self.categories)} categories d={self.dim} version={self.version}>"
+
+    @property
+    def dim(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def version(self) -> str:
+        """A hash of everything that decides predictions: equal versions predict alike."""
+        digest = hashlib.sha256()
+        for array in (self.weights, self.bias, self.mean, self.scale):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(json.dumps([self.identity, self.categories, self.temperature, self.unsure_threshold]).encode())
+        return digest.hexdigest()[:16]
+
+    def probabilities(self, vectors) -> np.ndarray:
+        """(n, categories) calibrated probabilities, columns in ``categories`` order."""
+        return _softmax(self._logits(self._as_vectors(vectors)) / self.temperature)
+
+    def predict(self, vectors, k: int = 5, *, unsure_threshold: float | None = None) -> list[Prediction]:
+        """The top ``k`` categories of each vector; ``unsure`` when the best is below the threshold."""
+        threshold = self.unsure_threshold if unsure_threshold is None else unsure_threshold
+        probabilities = self.probabilities(vectors)
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, : max(1, min(k, len(self.categories)))]
+        return [
+            Prediction(
+                choices=tuple((self.categories[c], float(row[c])) for c in order),
+                unsure=bool(row[order[0]] < threshold),
+            )
+            for row, order in zip(probabilities, top)
+        ]
+
+    def predict_one(self, vector, k: int = 5, *, unsure_threshold: float | None = None) -> Prediction:
+        return self.predict(np.asarray(vector)[None, :], k, unsure_threshold=unsure_threshold)[0]
+
+    def _logits(self, vectors: np.ndarray) -> np.ndarray:
+        return ((vectors - self.mean) / self.scale) @ self.weights + self.bias
+
+    def _as_vectors(self, vectors) -> np.ndarray:
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(
+                f"expected vectors of shape (n, {self.dim}) from model {self.identity!r}, got {vectors.shape}"
+            )
+        return _normalized(vectors)
+
+    # ----- files ------------------------------------------------------------------------
+
+    def save(self, path) -> str:
+        """Write the head atomically (npz with a JSON header, no pickle); returns its version."""
+        meta = {
+            "format": _FORMAT,
+            "version": self.version,
+            "identity": self.identity,
+            "categories": self.categories,
+            "dimension": self.dim,
+            "temperature": self.temperature,
+            "unsure_threshold": self.unsure_threshold,
+            "created_at": self.created_at,
+        }
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            weights=self.weights,
+            bias=self.bias,
+            mean=self.mean,
+            scale=self.scale,
+        )
+        atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+        return self.version
+
+    @classmethod
+    def load(cls, path, *, expected_identity: str | None = None) -> CategoryHead:
+        """Read a saved head; refuses an unreadable file or one trained on another model."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(data["meta"].tobytes())
+                arrays = {name: data[name] for name in ("weights", "bias", "mean", "scale")}
+        except FileNotFoundError:
+            raise CategoryHeadError(f"no category head at {path}; train one first") from None
+        except Exception as exc:  # zip, npy and JSON errors all mean the same thing here
+            raise CategoryHeadError(f"category head {path} is unreadable ({exc}); {RETRAIN_HINT}") from exc
+        if meta.get("format") != _FORMAT:
+            raise CategoryHeadError(f"category head {path} has unknown format {meta.get('format')!r}; {RETRAIN_HINT}")
+        if expected_identity is not None and meta["identity"] != expected_identity:
+            raise CategoryHeadError(
+                f"category head {path} was trained on embeddings of {meta['identity']!r}, but this service "
+                f"embeds with {expected_identity!r}; {RETRAIN_HINT}"
+            )
+        try:
+            head = cls(
+                identity=meta["identity"],
+                categories=meta["categories"],
+                temperature=meta["temperature"],
+                unsure_threshold=meta["unsure_threshold"],
+                created_at=meta["created_at"],
+                **arrays,
+            )
+        except (KeyError, ValueError) as exc:
+            raise CategoryHeadError(f"category head {path} is inconsistent ({exc}); {RETRAIN_HINT}") from exc
+        if head.version != meta["version"] or head.dim != meta["dimension"]:
+            raise CategoryHeadError(f"category head {path} does not match its recorded version; {RETRAIN_HINT}")
+        return head
+
+
+# ----- training ---------------------------------------------------------------------------
+
+
+def train_category_head(
+    vectors,
+    labels: list[str],
+    *,
+    identity: str,
+    holdout: float = 0.2,
+    seed: int = 0,
+    groups: list | None = None,
+    unsure_threshold: float = DEFAULT_UNSURE_THRESHOLD,
+) -> TrainResult:
+    """Train on labelled embeddings; metrics come from a held-out split, the head from all data.
+
+    ``groups`` (e.g. product ids) keeps every image of a product on one side of each
+    split. A category with a single group cannot be held out: it is trained on and
+    listed in ``metrics["untested_categories"]``.
+    """
+    vectors = _normalized(np.asarray(vectors))
+    labels = [str(label) for label in labels]
+    groups = list(range(len(labels))) if groups is None else list(groups)
+    if vectors.ndim != 2 or len(vectors) != len(labels) or len(groups) != len(labels):
+        raise ValueError(
+            f"need one label and one group per vector: {vectors.shape} vectors, {len(labels)} labels, {len(groups)} groups"
+        )
+    categories = sorted(set(labels))
+    if len(categories) < 2:
+        raise ValueError(f"need at least two categories to train a head, got {categories}")
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout must be between 0 and 1, got {holdout}")
+    targets = np.array([categories.index(label) for label in labels])
+
+    train, test = holdout_split(labels, groups=groups, holdout=holdout, seed=seed)
+    c, temperature = _choose_settings(vectors[train], targets[train], [groups[i] for i in train], len(categories), seed)
+    evaluated = _fit(vectors[train], targets[train], len(categories), c)
+    proba = _softmax(evaluated.logits(vectors[test]) / temperature)
+    metrics = classification_metrics([labels[i] for i in test], proba, categories)
+    metrics.update(
+        n_train=int(len(train)),
+        n_test=int(len(test)),
+        untested_categories=[c for c in categories if metrics["per_category"][c]["support"] == 0],
+        temperature=temperature,
+        C=c,
+    )
+
+    final = _fit(vectors, targets, len(categories), c)
+    head = CategoryHead(
+        identity=identity,
+        categories=categories,
+        weights=final.weights,
+        bias=final.bias,
+        mean=final.mean,
+        scale=final.scale,
+        temperature=temperature,
+        unsure_threshold=unsure_threshold,
+    )
+    return TrainResult(head=head, metrics=metrics)
+
+
+def holdout_split(labels, *, groups=None, holdout: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, test) indices with whole groups on one side.
+
+    Each group goes with its most common label; per category, ``round(holdout * groups)``
+    of its groups are held out, at least one and never all of them. A category with one
+    group stays wholly in training.
+    """
+    members, by_category = _groups_by_category(labels, groups)
+    rng = np.random.default_rng(seed)
+    held_out = []
+    for category in sorted(by_category):
+        category_groups = by_category[category]
+        if len(category_groups) < 2:
+            continue
+        count = min(max(1, round(holdout * len(category_groups))), len(category_groups) - 1)
+        held_out.extend(category_groups[i] for i in rng.permutation(len(category_groups))[:count])
+    test = np.sort(np.array([i for group in held_out for i in members[group]], dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return train, test
+
+
+def _group_folds(labels, groups, folds: int, seed: int) -> np.ndarray:
+    """A fold number per row, stratified by category with whole groups per fold.
+
+    Rows of a category with a single group get -1: they are always trained on, never
+    predicted out of fold (no model could have seen their category).
+    """
+    members, by_category = _groups_by_category(labels, groups)
+    rng = np.random.default_rng(seed)
+    fold_of = np.full(len(labels), -1, dtype=np.int64)
+    offset = 0
+    for category in sorted(by_category):
+        category_groups = by_category[category]
+        if len(category_groups) < 2:
+            continue
+        for position, i in enumerate(rng.permutation(len(category_groups))):
+            fold_of[members[category_groups[i]]] = (offset + position) % folds
+        offset += len(category_groups)  # so small categories do not all land in fold 0
+    return fold_of
+
+
+def _groups_by_category(labels, groups) -> tuple[dict, dict]:
+    """{group: row indices} and {category: groups}, each group under its most common label."""
+    labels = list(labels)
+    groups = list(range(len(labels))) if groups is None else list(groups)
+    members: dict = defaultdict(list)
+    votes: dict = defaultdict(Counter)
+    for i, (label, group) in enumerate(zip(labels, groups)):
+        members[group].append(i)
+        votes[group][label] += 1
+    by_category: dict = defaultdict(list)
+    for group in members:  # first-seen order, so the split does not depend on hashing
+        by_category[votes[group].most_common(1)[0][0]].append(group)
+    return members, by_category
+
+
+def classification_metrics(true_labels, probabilities, categories: list[str]) -> dict:
+    """top1, top5, per-category precision/recall/support and the confusion matrix.
+
+    ``probabilities`` is (n, len(categories)). top-k is the share of examples whose true
+    category is among the k highest; confusion rows are true and columns predicted
+    categories, in ``categories`` order. Precision (recall) is None for a category never
+    predicted (never present).
+    """
+    probabilities = np.asarray(probabilities)
+    index = {c: i for i, c in enumerate(categories)}
+    truth = np.array([index[label] for label in true_labels], dtype=np.int64)
+    n, count = len(truth), len(categories)
+    ranked = np.argsort(-probabilities, axis=1, kind="stable") if n else np.zeros((0, count), dtype=np.int64)
+    predicted = ranked[:, 0] if n else np.zeros(0, dtype=np.int64)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    per_category = {}
+    for i, category in enumerate(categories):
+        hits, support, claimed = int(confusion[i, i]), int(confusion[i].sum()), int(confusion[:, i].sum())
+        per_category[category] = {
+            "precision": hits / claimed if claimed else None,
+            "recall": hits / support if support else None,
+            "support": support,
+        }
+
+    def top(k: int) -> float | None:
+        return float((ranked[:, :k] == truth[:, None]).any(axis=1).mean()) if n else None
+
+    return {
+        "top1": top(1),
+        "top5": top(5),
+        "per_category": per_category,
+        "confusion": {"labels": list(categories), "matrix": confusion.tolist()},
+    }
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    weights: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def logits(self, vectors: np.ndarray) -> np.ndarray:
+        return ((vectors - self.mean) / self.scale) @ self.weights + self.bias
+
+
+def _choose_settings(vectors, targets, groups, count: int, seed: int) -> tuple[float, float]:
+    """(C, temperature) minimising out-of-fold log-loss, by grouped cross-fitting.
+
+    Every training row gets a prediction from a model that never saw its product, so
+    the temperature is fitted on all of them rather than on a small slice, which would
+    leave it noisy.
+    """
+    fold_of = _group_folds(targets, groups, _FOLDS, seed + 1)
+    scored = fold_of >= 0
+    if not scored.any():
+        return _DEFAULT_C, 1.0
+    out_of_fold = {c: np.zeros((len(targets), count), dtype=np.float32) for c in _C_GRID}
+    for fold in range(_FOLDS):
+        rows = fold_of == fold
+        if not rows.any():
+            continue
+        start = None
+        for c in _C_GRID:  # each fit starts from the previous, more strongly penalised one
+            fitted = _fit(vectors[~rows], targets[~rows], count, c, start=start)
+            start = (fitted.weights, fitted.bias)
+            out_of_fold[c][rows] = fitted.logits(vectors[rows])
+    best = None
+    for c, logits in out_of_fold.items():
+        temperature = _temperature(logits[scored], targets[scored])
+        loss = _nll(logits[scored] / temperature, targets[scored])
+        if best is None or loss < best[0]:
+            best = (loss, c, temperature)
+    return best[1], best[2]
+
+
+def _fit(vectors, targets, count: int, c: float, *, start=None) -> _Fitted:
+    mean = vectors.mean(axis=0)
+    # One scale for all dimensions: per-dimension scaling would amplify the near-silent
+    # dimensions embeddings have. Unit average variance keeps the penalty grid meaningful.
+    scale = np.full(vectors.shape[1], max(float(np.sqrt(vectors.var(axis=0).mean())), 1e-6))
+    weights, bias = _logistic((vectors - mean) / scale, targets, count, 1.0 / (c * len(vectors)), start=start)
+    return _Fitted(weights, bias, mean.astype(np.float32), scale.astype(np.float32))
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, count: int, l2: float, *, start=None) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression: mean cross-entropy + l2/2 |W|^2, full-batch L-BFGS.
+
+    The problem is convex, so the result does not depend on ``start``, only the time taken.
+    """
+    import torch  # imported here: predicting needs only numpy
+
+    features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    target = torch.from_numpy(y.astype(np.int64))
+    if start is None:
+        start = (np.zeros((x.shape[1], count), np.float32), np.zeros(count, np.float32))
+    weights = torch.tensor(start[0], requires_grad=True)
+    bias = torch.tensor(start[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weights, bias], max_iter=_MAX_ITERATIONS, history_size=20, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(features @ weights + bias, target) + 0.5 * l2 * (weights**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weights.detach().numpy().copy(), bias.detach().numpy().copy()
+
+
+def _temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature minimising held-out negative log-likelihood, on a log grid refined twice."""
+    low, high = np.log(0.05), np.log(20.0)
+    for _ in range(3):
+        grid = np.linspace(low, high, 41)
+        losses = [_nll(logits / np.exp(t), targets) for t in grid]
+        best = int(np.argmin(losses))
+        step = grid[1] - grid[0]
+        low, high = grid[best] - step, grid[best] + step
+    return float(np.exp(grid[best]))
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probabilities[np.arange(len(targets)), targets].mean())
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)

@@ -1,0 +1,232 @@
+"""POST /api/search/ as a shopper's client uses it: every input, option and error."""
+import http.server
+import io
+import os
+import threading
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from PIL import Image
+
+from catalog import services
+from catalog.models import Product, ProductImage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PHOTOS = ["chelsea", "coffee", "rocket", "astronaut", "horse", "clock"]
+
+
+@pytest.fixture(autouse=True)
+def offline_model(settings):
+    settings.EMBED_BACKBONE = "efficientnet_lite0"
+    settings.EMBED_WEIGHTS = "imagenet"
+
+
+@pytest.fixture
+def catalog(photo):
+    """Six products, one per photo, in two categories; prices 10, 20, ... 60."""
+    animals = services.category_get_or_create_path(path="prints/animals")
+    things = services.category_get_or_create_path(path="prints/things")
+    products = {}
+    for i, name in enumerate(PHOTOS):
+        category = animals if name in ("chelsea", "horse", "astronaut") else things
+        product = services.product_create(sku=name.upper(), title=f"{name} print", price=10 * (i + 1), category=category)
+        services.product_image_add(product=product, data=photo(name), filename=f"{name}.jpg")
+        products[name] = product
+    assert ProductImage.objects.filter(status="indexed").count() == len(PHOTOS)
+    return products
+
+
+def post_image(client, data: bytes, **options):
+    return client.post("/api/search/", {"image": SimpleUploadedFile("q.jpg", data), **options}, format="multipart")
+
+
+def crop(data: bytes) -> bytes:
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    buf = io.BytesIO()
+    img.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_photo_of_a_product_finds_it_first(anon, catalog, photo):
+    response = post_image(anon, crop(photo("coffee")))
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["results"][0]["product"]["sku"] == "COFFEE"
+    first = body["results"][0]
+    assert set(first["product"]) >= {"id", "sku", "title", "price", "category", "image_url"}
+    assert first["image"] == catalog["coffee"].images.get().pk
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert len(body["results"]) == 6 and len({r["product"]["id"] for r in body["results"]}) == 6
+    assert body["labels"] and {"label", "score"} <= set(body["labels"][0])
+    assert body["predicted_categories"][0]["category"]["name"] == "things"
+    assert isinstance(body["took_ms"], int)
+
+
+def test_the_query_image_is_not_stored(anon, catalog, photo, isolated_data):
+    files_before = sorted(p for p in (isolated_data / "media").rglob("*") if p.is_file())
+    count = ProductImage.objects.count()
+    assert post_image(anon, crop(photo("rocket"))).status_code == 200
+    assert ProductImage.objects.count() == count
+    assert sorted(p for p in (isolated_data / "media").rglob("*") if p.is_file()) == files_before
+
+
+def test_more_like_this_excludes_the_product_itself(anon, catalog):
+    response = anon.post("/api/search/", {"product": catalog["chelsea"].pk, "k": 3}, format="json")
+    assert response.status_code == 200
+    skus = [r["product"]["sku"] for r in response.json()["results"]]
+    assert len(skus) == 3 and "CHELSEA" not in skus
+
+
+def test_one_result_per_product_with_its_best_image(anon, catalog, photo):
+    services.product_image_add(product=catalog["coffee"], data=crop(photo("coffee")), filename="coffee2.jpg")
+    body = post_image(anon, crop(photo("coffee"))).json()
+    skus = [r["product"]["sku"] for r in body["results"]]
+    assert skus.count("COFFEE") == 1 and skus[0] == "COFFEE"
+    assert body["results"][0]["score"] > 0.99  # the identical second image is the one that matched
+
+
+def test_k_and_filters_act_inside_the_search(anon, catalog, photo):
+    query = crop(photo("coffee"))
+    assert len(post_image(anon, query, k=2).json()["results"]) == 2
+    animals = catalog["chelsea"].category
+    in_animals = post_image(anon, query, k=3, category=animals.parent_id).json()["results"]
+    assert len(in_animals) == 3  # the parent category includes its subcategories
+    in_animals = post_image(anon, query, k=3, category=animals.pk).json()["results"]
+    assert sorted(r["product"]["sku"] for r in in_animals) == ["ASTRONAUT", "CHELSEA", "HORSE"]
+    # The three cheapest-but-one are far from coffee in the embedding space; k of them still come back.
+    priced = post_image(anon, query, k=3, min_price="15", max_price="45").json()["results"]
+    assert sorted(float(r["product"]["price"]) for r in priced) == [20.0, 30.0, 40.0]
+
+
+def test_inactive_and_deleted_products_never_appear(anon, staff, catalog, photo):
+    services.product_update(product=catalog["coffee"], is_active=False)
+    assert staff.delete(f"/api/products/{catalog['rocket'].pk}/").status_code == 204
+    skus = [r["product"]["sku"] for r in post_image(anon, crop(photo("coffee")), k=100).json()["results"]]
+    assert "COFFEE" not in skus and "ROCKET" not in skus and len(skus) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "fmt", "expected"),
+    [
+        ({}, "json", "exactly one of"),
+        ({"product": 1, "image_url": "https://example.com/a.jpg"}, "json", "exactly one of"),
+        ({"product": 999999}, "json", "no product"),
+        ({"product": 1, "k": 0}, "json", "k"),
+        ({"product": 1, "k": 101}, "json", "k"),
+        ({"product": 1, "category": 999999}, "json", "category"),
+        ({"product": 1, "min_price": "5", "max_price": "1"}, "json", "min_price"),
+        ({"image_url": "ftp://example.com/a.jpg"}, "json", "http"),
+        ({"image_url": "http://127.0.0.1:8000/media/x.jpg"}, "json", "not a public address"),
+        ({"image_url": "http://169.254.169.254/latest/meta-data/"}, "json", "not a public address"),
+        ({"image_url": "http://[::1]/x.png"}, "json", "not a public address"),
+        ({"image_url": "http://localhost/x.png"}, "json", "not a public address"),
+    ],
+)
+def test_bad_queries_are_readable_400s(anon, catalog, body, fmt, expected):
+    response = anon.post("/api/search/", body, format=fmt)
+    assert response.status_code == 400, response.content
+    assert expected in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "empty"),
+        (os.urandom(200_000), "not an image"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+    ],
+)
+def test_bad_images_are_readable_400s(anon, catalog, data, expected):
+    response = post_image(anon, data)
+    assert response.status_code == 400
+    assert expected in response.json()["error"]
+
+
+def test_truncated_and_bomb_images_are_400s(anon, catalog, photo):
+    from tests.conftest import CORPUS_DIR
+
+    assert post_image(anon, photo("chelsea")[:3000]).status_code == 400
+    bomb = (CORPUS_DIR / "decompression_bomb.gif").read_bytes()
+    response = post_image(anon, bomb)
+    assert response.status_code == 400 and "too large" in response.json()["error"]
+
+
+def test_too_large_upload_is_a_400(anon, catalog, settings, photo):
+    settings.MAX_UPLOAD_BYTES = 50_000
+    response = post_image(anon, photo("astronaut", fmt="PNG"))
+    assert response.status_code == 400 and "limit" in response.json()["error"]
+
+
+@pytest.fixture
+def image_server(photo):
+    """A local HTTP server with a photo, a redirect to it, a redirect to a private address, and HTML."""
+    routes = {
+        "/cat.jpg": (200, {"Content-Type": "image/jpeg"}, photo("chelsea")),
+        "/moved": (302, {"Location": "/cat.jpg"}, b""),
+        "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+        "/page.html": (200, {"Content-Type": "image/jpeg"}, b"<html><body>not an image</body></html>"),
+        "/big.jpg": (200, {"Content-Type": "image/jpeg"}, os.urandom(300_000)),
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, headers, body = routes.get(self.path, (404, {}, b"missing"))
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_search_by_url_fetches_safely(anon, catalog, image_server, settings):
+    settings.FETCH_ALLOW_PRIVATE_ADDRESSES = True  # the test server lives on 127.0.0.1
+    ok = anon.post("/api/search/", {"image_url": f"{image_server}/moved"}, format="json")
+    assert ok.status_code == 200 and ok.json()["results"][0]["product"]["sku"] == "CHELSEA"
+    missing = anon.post("/api/search/", {"image_url": f"{image_server}/nothing.jpg"}, format="json")
+    assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]
+    html = anon.post("/api/search/", {"image_url": f"{image_server}/page.html"}, format="json")
+    assert html.status_code == 400 and "HTML" in html.json()["error"]
+    settings.MAX_UPLOAD_BYTES = 100_000
+    big = anon.post("/api/search/", {"image_url": f"{image_server}/big.jpg"}, format="json")
+    assert big.status_code == 400 and "limit" in big.json()["error"]
+
+
+def test_redirects_are_checked_again(anon, catalog, image_server, settings, monkeypatch):
+    from catalog import remote
+
+    # The test server is allowed, but the address it redirects to is checked on its own and refused.
+    settings.FETCH_ALLOW_PRIVATE_ADDRESSES = False
+    real_public = remote._public
+    monkeypatch.setattr(remote, "_public", lambda address: str(address) == "127.0.0.1" or real_public(address))
+    response = anon.post("/api/search/", {"image_url": f"{image_server}/to-metadata"}, format="json")
+    assert response.status_code == 400 and "169.254.169.254" in response.json()["error"]
+
+
+def test_search_before_anything_is_indexed_returns_no_results(anon, photo):
+    response = post_image(anon, photo("chelsea"))
+    assert response.status_code == 200
+    assert response.json()["results"] == [] and response.json()["labels"]
+
+
+def test_search_is_throttled_per_client(anon, catalog, monkeypatch):
+    from django.core.cache import cache
+    from rest_framework.throttling import ScopedRateThrottle
+
+    cache.clear()
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"search": "2/min", "uploads": "120/min"})
+    product = Product.objects.first().pk
+    codes = [anon.post("/api/search/", {"product": product}, format="json").status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    cache.clear()

@@ -1,0 +1,76 @@
+"""Celery tasks: thin wrappers that pass ids to catalog services.
+
+Every task is idempotent (running it twice leaves the same state), acknowledged late and re-queued
+if its worker dies, and retried with backoff on transient errors. Routing lives in settings.
+"""
+from celery import Task, shared_task
+from django.db import DatabaseError
+
+from catalog import ingest, pipeline
+
+RELIABLE = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (DatabaseError, ConnectionError, OSError, TimeoutError),
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 5,
+}
+
+
+class EmbedTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # Retries are spent: the images end failed with the reason instead of waiting forever.
+        image_ids = kwargs.get("image_ids") or (args[0] if args else [])
+        pipeline.images_mark_failed(image_ids=image_ids, reason=f"embedding failed: {exc}")
+
+
+@shared_task(bind=True, base=EmbedTask, **RELIABLE)
+def embed_images(self, image_ids: list[int]) -> dict:
+    """Decode and embed a batch of images in one forward pass, then queue them for indexing."""
+    return pipeline.images_embed(image_ids=image_ids)
+
+
+@shared_task(bind=True, **RELIABLE)
+def index_images(self, add_ids: list[int] | None = None, remove_ids: list[int] | None = None) -> dict:
+    """Apply embedded and deleted images to the vector index and publish a new version."""
+    return pipeline.index_apply(add_ids=add_ids or [], remove_ids=remove_ids or [])
+
+
+@shared_task(**RELIABLE)
+def requeue_stale_images() -> dict:
+    """Queue again any image left pending or processing too long (lost message, broker outage)."""
+    return pipeline.images_requeue_stale()
+
+
+class IngestStartTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # Retries are spent: the job ends failed with the reason instead of staying queued.
+        ingest.ingest_job_fail(job_id=kwargs["job_id"], reason=f"the job could not be started: {exc}")
+
+
+class IngestRowsTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # Retries are spent: the chunk's rows not done end failed with the reason; the job goes on.
+        ingest.ingest_rows_mark_failed(
+            job_id=kwargs["job_id"], first=kwargs["first"], last=kwargs["last"], reason=f"ingest failed: {exc}"
+        )
+
+
+@shared_task(bind=True, base=IngestStartTask, **RELIABLE)
+def start_ingest_job(self, job_id: int) -> dict:
+    """Read an ingest job's manifest into rows and queue them in chunks."""
+    return {"chunks": len(ingest.ingest_job_start(job_id=job_id))}
+
+
+@shared_task(bind=True, base=IngestRowsTask, **RELIABLE)
+def ingest_rows(self, job_id: int, first: int, last: int) -> dict:
+    """Store the pending rows first..last of an ingest job; rows already done are skipped."""
+    return ingest.ingest_rows_process(job_id=job_id, first=first, last=last)
+
+
+@shared_task(**RELIABLE)
+def refresh_ingest_jobs() -> dict:
+    """Bring running ingest jobs' counters up to date, finish those that are done, revive stalled ones."""
+    return ingest.ingest_jobs_sweep()
