@@ -49,6 +49,8 @@ MAX_TITLE = Product._meta.get_field("title").max_length
 # Members this small cannot be a bomb whatever their ratio (a README, an empty file).
 BOMB_MIN_BYTES = 1024 * 1024
 MAX_ERRORS_SHOWN = 1000
+# A batch of rows holds at most this many image bytes in memory before it is stored.
+BATCH_BYTES = 64 * 1024 * 1024
 URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 JobStatus = IngestJob.Status
@@ -90,7 +92,8 @@ def manifest_parse(*, data: bytes, format: str) -> Manifest:
     text = _decode(data)
     rows = _parse_csv(text) if format == "csv" else _parse_jsonl(text)
     if not rows:
-        raise ValidationError({"manifest": "the manifest has no rows" + (" after its header" if format == "csv" else "")})
+        after = " after its header" if format == "csv" else ""
+        raise ValidationError({"manifest": f"the manifest has no rows{after}"})
     return Manifest(format=format, rows=rows)
 
 
@@ -159,10 +162,14 @@ def _parse_jsonl(text: str) -> list[ManifestRow]:
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
-            reason = f"not valid JSON ({exc.msg}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            if isinstance(exc, json.JSONDecodeError):
+                reason = f"not valid JSON ({exc.msg}, column {exc.colno})"
+            else:
+                reason = str(exc)
             if not rows:
                 raise ValidationError({"manifest": f"the manifest's first line is {reason}; each line must be a "
-                                                   'JSON object such as {"sku": "A-1", "title": "...", "image": "a.jpg"}'})
+                                                   'JSON object such as {"sku": "A-1", "title": "...", '
+                                                   '"image": "a.jpg"}'})
             rows.append(ManifestRow(number=number, fields={}, error=f"the line is {reason}"))
             continue
         obj = {str(key).strip().lower(): value for key, value in obj.items()}
@@ -219,7 +226,8 @@ def archive_check(file) -> None:
     total = sum(info.file_size for info in files)
     if total > settings.INGEST_MAX_ARCHIVE_BYTES:
         raise ValidationError({"archive": f"the archive expands to {total / 1e6:.1f} MB, over the limit of "
-                                          f"{settings.INGEST_MAX_ARCHIVE_BYTES / 1e6:.1f} MB; split it into several jobs"})
+                                          f"{settings.INGEST_MAX_ARCHIVE_BYTES / 1e6:.1f} MB; split it into "
+                                          "several jobs"})
     for info in members:
         shown = info.filename[:200]
         if _member_path(info.filename) is None:
@@ -362,13 +370,19 @@ def ingest_job_queue(*, job_id: int) -> bool:
 def ingest_job_start(*, job_id: int, queue_chunks: bool = True) -> list[tuple[int, int]]:
     """Turn a queued job's manifest into rows, mark it running and queue its rows in chunks.
 
-    Returns the chunks as (first row, last row). Idempotent: a job already started returns [] (its
-    chunks were queued by the first delivery), and rows created by an interrupted run are kept.
+    Returns the chunks as (first row, last row). Idempotent: rows created by an interrupted run are
+    kept, and a start delivered again to a running job queues its pending rows again (the first
+    delivery may have died before queueing them; rows already done are skipped by the chunks).
     With queue_chunks=False the caller runs the chunks itself (ingest_rows_process).
     """
     job = IngestJob.objects.filter(pk=job_id).first()
-    if job is None or job.status != JobStatus.QUEUED:
+    if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return []
+    if job.status == JobStatus.RUNNING:
+        chunks = _pending_chunks(job)
+        if queue_chunks:
+            _queue_chunks(job.pk, chunks)
+        return chunks
     try:
         with job.manifest.open("rb") as f:
             manifest = manifest_parse(data=f.read(), format=job.manifest_format)
@@ -396,7 +410,7 @@ def ingest_job_start(*, job_id: int, queue_chunks: bool = True) -> list[tuple[in
             status=JobStatus.RUNNING, total=len(manifest.rows), started_at=now, updated_at=now
         )
     if not started:
-        return []
+        return []  # another delivery started it a moment ago
     chunks = _pending_chunks(job)
     if queue_chunks:
         _queue_chunks(job.pk, chunks)
@@ -421,60 +435,69 @@ def _queue_chunks(job_id: int, chunks: list[tuple[int, int]]) -> None:
 def ingest_rows_process(*, job_id: int, first: int, last: int) -> dict:
     """Store the pending rows numbered first..last of a running job. Idempotent: done rows are skipped.
 
-    Each row is its own transaction, so a crash loses at most the row in progress. New images are
-    queued for embedding in batches; the job's counters are refreshed at least every second. A chunk
-    that runs long queues its remaining rows as a new chunk instead of reaching the task time limit.
+    Rows are stored in batches of EMBED_BATCH_SIZE, one transaction each (a savepoint per row, so a bad
+    row fails alone), and each batch's new images are queued for embedding as one batch once it commits:
+    a crash loses at most the batch in progress. Images are read (and fetched) before the transaction
+    opens, so no lock is held during a download. The job's counters are refreshed at least every
+    second. A chunk that runs long queues its remaining rows as a new chunk instead of reaching the
+    task time limit.
     """
     job = IngestJob.objects.filter(pk=job_id).first()
     if job is None or job.status != JobStatus.RUNNING:
         return {"done": 0, "failed": 0, "skipped": True}
     rows = list(job.rows.filter(number__gte=first, number__lte=last, status=RowStatus.PENDING).order_by("number"))
-    deadline = time.monotonic() + settings.CELERY_TASK_SOFT_TIME_LIMIT / 2
-    refreshed = time.monotonic()
-    categories: dict[str, Category] = {}
-    new_images: list[int] = []
-    done = failed = 0
     try:
         archive = _archive_reader(job)
     except (zipfile.BadZipFile, FileNotFoundError) as exc:
         ingest_job_fail(job_id=job.pk, reason=f"the stored archive cannot be read ({exc})")
         return {"done": 0, "failed": 0, "skipped": True}
 
-    for row in rows:
+    deadline = time.monotonic() + settings.CELERY_TASK_SOFT_TIME_LIMIT / 2
+    refreshed = time.monotonic()
+    categories: dict[str, Category] = {}
+    totals = {"done": 0, "failed": 0}
+    position = 0
+    while position < len(rows):
         if time.monotonic() > deadline:
-            _queue_chunks(job.pk, [(row.number, last)])
+            _queue_chunks(job.pk, [(rows[position].number, last)])
             break
-        try:
-            image_id, created = _row_store(row=row, archive=archive, categories=categories)
-        except ValidationError as exc:
-            failed += IngestRow.objects.filter(pk=row.pk, status=RowStatus.PENDING).update(
-                status=RowStatus.FAILED, error=_message(exc)[:2000], updated_at=timezone.now()
-            )
-        else:
-            done += image_id is not None
-            if created:
-                new_images.append(image_id)
-        if len(new_images) >= settings.EMBED_BATCH_SIZE:
-            _queue_embedding(new_images)
-            new_images = []
+        batch, position = _rows_read(rows, position, archive, deadline)
+        new_images = _rows_store(batch, categories, totals)
+        _queue_embedding(new_images)
         if time.monotonic() - refreshed >= 1.0:
             ingest_job_refresh(job=job)
             refreshed = time.monotonic()
-    _queue_embedding(new_images)
     ingest_job_refresh(job=job)
-    return {"done": done, "failed": failed}
+    return totals
 
 
-def _queue_embedding(image_ids: list[int]) -> None:
-    from catalog.pipeline import images_queue_embedding
+@dataclass(frozen=True)
+class _RowInput:
+    sku: str
+    title: str
+    values: dict
+    data: bytes
+    filename: str
 
-    if image_ids:
-        images_queue_embedding(image_ids=list(image_ids))
+
+def _rows_read(rows: list[IngestRow], position: int, archive: ArchiveReader | None,
+               deadline: float) -> tuple[list[tuple[IngestRow, "_RowInput | ValidationError"]], int]:
+    """The next batch of rows with their image bytes (or the reason a row cannot be stored)."""
+    batch, size = [], 0
+    while (position < len(rows) and len(batch) < settings.EMBED_BATCH_SIZE and size < BATCH_BYTES
+           and (not batch or time.monotonic() < deadline)):
+        row = rows[position]
+        position += 1
+        try:
+            item = _row_input(row, archive)
+            size += len(item.data)
+        except ValidationError as exc:
+            item = exc
+        batch.append((row, item))
+    return batch, position
 
 
-def _row_store(*, row: IngestRow, archive: ArchiveReader | None, categories: dict) -> tuple[int | None, bool]:
-    """Create or update the row's product and add its image. (image id, whether the image is new);
-    (None, False) when another worker holds or finished the row. ValidationError: the row's error."""
+def _row_input(row: IngestRow, archive: ArchiveReader | None) -> _RowInput:
     values = row.data
     sku, title, image = values.get("sku", ""), values.get("title", ""), values.get("image", "")
     if not sku:
@@ -486,19 +509,57 @@ def _row_store(*, row: IngestRow, archive: ArchiveReader | None, categories: dic
     if not image:
         raise ValidationError({"image": "the image is empty; give a path inside the archive or an http(s) URL"})
     data, filename = _image_bytes(image, archive)
+    return _RowInput(sku=sku, title=title, values=values, data=data, filename=filename)
 
+
+def _rows_store(batch: list[tuple[IngestRow, "_RowInput | ValidationError"]], categories: dict,
+                totals: dict) -> list[int]:
+    """Store a batch of rows in one transaction; the ids of the images it added."""
+    new_images = []
     with transaction.atomic():
-        # Another worker given the same chunk again (a re-delivery) skips a row this one holds.
-        locked = IngestRow.objects.select_for_update(skip_locked=True).filter(
-            pk=row.pk, status=RowStatus.PENDING
-        ).first()
-        if locked is None:
-            return None, False
-        product = _product_upsert(sku=sku, title=title, values=values, categories=categories)
-        stored, created = services.product_image_add(product=product, data=data, filename=filename, queue=False)
-        locked.status, locked.image, locked.error = RowStatus.DONE, stored, ""
-        locked.save(update_fields=["status", "image", "error", "updated_at"])
-    return stored.pk, created
+        # A chunk delivered again while its first delivery still runs skips the rows that one holds.
+        mine = set(
+            IngestRow.objects.select_for_update(skip_locked=True)
+            .filter(pk__in=[row.pk for row, _ in batch], status=RowStatus.PENDING).values_list("pk", flat=True)
+        )
+        for row, item in batch:
+            if row.pk not in mine:
+                continue
+            try:
+                if isinstance(item, ValidationError):
+                    raise item
+                known = set(categories)
+                try:
+                    with transaction.atomic():
+                        product = _product_upsert(sku=item.sku, title=item.title, values=item.values,
+                                                  categories=categories)
+                        image, created = services.product_image_add(
+                            product=product, data=item.data, filename=item.filename, queue=False
+                        )
+                        IngestRow.objects.filter(pk=row.pk).update(
+                            status=RowStatus.DONE, image=image, error="", updated_at=timezone.now()
+                        )
+                except ValidationError:
+                    for path in set(categories) - known:
+                        del categories[path]  # created in the savepoint just rolled back
+                    raise
+            except ValidationError as exc:
+                IngestRow.objects.filter(pk=row.pk).update(
+                    status=RowStatus.FAILED, error=_message(exc)[:2000], updated_at=timezone.now()
+                )
+                totals["failed"] += 1
+            else:
+                totals["done"] += 1
+                if created:
+                    new_images.append(image.pk)
+    return new_images
+
+
+def _queue_embedding(image_ids: list[int]) -> None:
+    from catalog.pipeline import images_queue_embedding
+
+    if image_ids:
+        images_queue_embedding(image_ids=image_ids)
 
 
 def _image_bytes(image: str, archive: ArchiveReader | None) -> tuple[bytes, str]:
@@ -576,7 +637,8 @@ def ingest_job_refresh(*, job: IngestJob) -> IngestJob:
     counts = job.rows.aggregate(
         total=Count("id"),
         pending=Count("id", filter=Q(status=RowStatus.PENDING)),
-        waiting=Count("id", filter=Q(status=RowStatus.DONE, image__status__in=[ImageStatus.PENDING, ImageStatus.PROCESSING])),
+        waiting=Count("id", filter=Q(status=RowStatus.DONE,
+                                     image__status__in=[ImageStatus.PENDING, ImageStatus.PROCESSING])),
         image_failed=Count("id", filter=Q(status=RowStatus.DONE, image__status=ImageStatus.FAILED)),
         failed=Count("id", filter=Q(status=RowStatus.FAILED)),
     )

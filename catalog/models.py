@@ -117,6 +117,42 @@ class CategoryPrediction(models.Model):
         return f"{self.product.sku} -> {self.category.path} ({self.score:.2f})"
 
 
+class CategorizerVersion(models.Model):
+    """One training of the category head (catalog/categorizer.py): its state, its data, how good it is.
+
+    The head in service is the latest `ready` version trained on the configured model's embeddings.
+    """
+
+    class Status(models.TextChoices):
+        UNTRAINED = "untrained"  # never stored: what the API reports before the first training
+        TRAINING = "training"
+        READY = "ready"
+        FAILED = "failed"
+
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.TRAINING, db_index=True)
+    version = models.CharField(max_length=64, blank=True, default="", help_text="The head's content hash.")
+    model_identity = models.CharField(max_length=100, db_index=True)
+    head_file = models.CharField(max_length=255, blank=True, default="", help_text="In settings.CATEGORIZER_DIR.")
+    n_train = models.PositiveIntegerField(null=True, blank=True)
+    n_test = models.PositiveIntegerField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, default="")
+    report_file = models.CharField(max_length=255, blank=True, default="", help_text="Relative to settings.REPORTS_DIR.")
+    report_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    trained_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name = "categorizer version"
+
+    def __str__(self) -> str:
+        return f"categorizer {self.version or self.pk} ({self.status})"
+
+
 def _ingest_file_path(job: "IngestJob", filename: str) -> str:
     return f"ingest/{job.pk}/{filename}"
 

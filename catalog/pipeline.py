@@ -92,7 +92,7 @@ def images_embed(*, image_ids: list[int]) -> dict:
     identity = model.identity.key
     images = list(ProductImage.objects.filter(id__in=image_ids).order_by("id"))
     done = [i.pk for i in images if i.model_identity == identity and i.embedding is not None]
-    todo = [i for i in images if i.pk not in set(done)]
+    todo = [i for i in images if not (i.model_identity == identity and i.embedding is not None)]
     ProductImage.objects.filter(id__in=[i.pk for i in todo]).update(
         status=Status.PROCESSING, updated_at=timezone.now()
     )
@@ -113,15 +113,9 @@ def images_embed(*, image_ids: list[int]) -> dict:
     for start in range(0, len(decoded), settings.EMBED_BATCH_SIZE):
         batch = decoded[start:start + settings.EMBED_BATCH_SIZE]
         result = model.embed([pil for _, pil in batch])
-        for (image, _), vector, labels in zip(batch, result.vectors, result.labels):
-            ProductImage.objects.filter(pk=image.pk).update(
-                embedding=np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
-                model_identity=identity,
-                labels=[{"label": label, "score": round(float(score), 4)} for label, score in labels],
-                error="",
-                updated_at=timezone.now(),
-            )
-            embedded.append(image.pk)
+        with transaction.atomic():  # one commit per batch, not per image
+            _store_embeddings(batch, result, identity)
+        embedded += [image.pk for image, _ in batch]
         _after_embedded(batch=[image for image, _ in batch], vectors=result.vectors)
 
     to_index = done + embedded
@@ -130,6 +124,17 @@ def images_embed(*, image_ids: list[int]) -> dict:
 
         enqueue(index_images, add_ids=to_index)
     return {"embedded": len(embedded), "already": len(done), "failed": failed}
+
+
+def _store_embeddings(batch, result, identity: str) -> None:
+    for (image, _), vector, labels in zip(batch, result.vectors, result.labels):
+        ProductImage.objects.filter(pk=image.pk).update(
+            embedding=np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+            model_identity=identity,
+            labels=[{"label": label, "score": round(float(score), 4)} for label, score in labels],
+            error="",
+            updated_at=timezone.now(),
+        )
 
 
 def _try(fn):
@@ -141,6 +146,9 @@ def _try(fn):
 
 def _after_embedded(*, batch: list[ProductImage], vectors: np.ndarray) -> None:
     """Hook for work that rides on the same forward pass (category suggestions)."""
+    from catalog.categorizer import suggestions_after_embedding
+
+    suggestions_after_embedding(images=batch, vectors=vectors, identity=get_embedder().identity.key)
 
 
 def images_mark_failed(*, image_ids: list[int], reason: str) -> int:

@@ -131,7 +131,16 @@ def _filtered_products(*, category_id: int | None, min_price, max_price):
 
 
 def predict_categories(vector: np.ndarray, *, top: int = 3, neighbours: int = 20) -> list[tuple[Category, float]]:
-    """Categories of the nearest categorized catalog images, score-weighted and normalised to sum to 1."""
+    """Categories of the nearest categorized catalog images, score-weighted and normalised to sum to 1.
+
+    Once a category head is trained for the served model, its calibrated probabilities instead.
+    """
+    from catalog.categorizer import head_predict_categories
+
+    active = active_index()
+    predicted = head_predict_categories(vector, identity=active["identity"], top=top) if active else None
+    if predicted is not None:
+        return predicted
     try:
         found = similar_images(vector, k=neighbours)
     except SearchUnavailable:

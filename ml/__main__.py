@@ -22,7 +22,6 @@ from PIL import Image
 
 from ml.embedder import (
     BACKBONES,
-    DEFAULT_BATCH_SIZE,
     PREPROCESS_MODES,
     PRECISIONS,
     Embedder,
@@ -58,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed every image in files and folders")
     embed.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders (recursive)")
     embed.add_argument("--out", required=True, type=Path, help="where to write the vectors (.npy)")
-    embed.add_argument("--batch", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
+    embed.add_argument("--batch", type=_positive_int, help="images per forward pass (default: 8 on CPU, 64 on GPU)")
     embed.add_argument("--workers", type=_positive_int, help="decoding threads (default: CPUs, at most 4)")
     _add_model_arguments(embed)
     embed.set_defaults(command=_embed)
@@ -122,9 +121,12 @@ def _embed(args: argparse.Namespace) -> int:
     for path, reason in result.failures:
         print(f"failed: {path}: {reason}", file=sys.stderr)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, result.vectors)
-    paths_file.write_text("".join(f"{path}\n" for path in result.sources))
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.out, result.vectors)
+        paths_file.write_text("".join(f"{path}\n" for path in result.sources))
+    except OSError as e:
+        raise UsageError(f"cannot write the results next to {args.out}: {e.strerror or e}") from e
     summary = {
         "images": len(result.sources),
         "failed": len(result.failures),
@@ -137,7 +139,7 @@ def _embed(args: argparse.Namespace) -> int:
         "precision": embedder.precision,
         "preprocess": embedder.preprocess_mode,
         "device": str(embedder.device),
-        "batch": args.batch,
+        "batch": args.batch or embedder.batch_size,
         "fallback_reason": embedder.fallback_reason,
         "out": str(args.out),
         "paths": str(paths_file),
@@ -177,7 +179,9 @@ def _image_files(paths: list[Path]) -> list[Path]:
 def _image_extensions() -> frozenset[str]:
     """The file extensions of the formats decode_image accepts, as Pillow registers them."""
     return frozenset(
-        extension for extension, image_format in Image.registered_extensions().items() if image_format in DEFAULT_ALLOWED_FORMATS
+        extension
+        for extension, image_format in Image.registered_extensions().items()
+        if image_format in DEFAULT_ALLOWED_FORMATS
     )
 
 

@@ -30,13 +30,14 @@ DEFAULT_UNSURE_THRESHOLD = 0.5
 RETRAIN_HINT = "retrain the category head for the current model"
 
 _FORMAT = 1
-# Inverse penalty strength, as sklearn's C: total log-loss + |W|^2 / (2C) on inputs scaled
-# to unit average variance. Strongest penalty first. Stating the penalty per dataset
-# rather than per example keeps the choice right when the refit sees more data.
-_C_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-_DEFAULT_C = 3e-3  # when there are too few products to choose
+# Penalty: mean log-loss + l2/2 |W|^2 on inputs scaled to unit average variance;
+# strongest first. Per example, so the refit on more data keeps the logit scale the
+# temperature was fitted to.
+_L2_GRID = (3.0, 1.0, 0.3, 0.1, 0.03)
+_DEFAULT_L2 = 0.1  # when there are too few products to choose
 _FOLDS = 3
-_MAX_ITERATIONS = 300
+_MAX_ITERATIONS = 100
+_SMALL_PROBLEM = 20_000_000  # inputs x categories below which one thread fits fastest
 
 
 class CategoryHeadError(Exception):
@@ -228,18 +229,21 @@ def train_category_head(
     groups = list(range(len(labels))) if groups is None else list(groups)
     if vectors.ndim != 2 or len(vectors) != len(labels) or len(groups) != len(labels):
         raise ValueError(
-            f"need one label and one group per vector: {vectors.shape} vectors, {len(labels)} labels, {len(groups)} groups"
+            f"need one label and one group per vector: {vectors.shape} vectors, "
+            f"{len(labels)} labels, {len(groups)} groups"
         )
     categories = sorted(set(labels))
     if len(categories) < 2:
         raise ValueError(f"need at least two categories to train a head, got {categories}")
     if not 0 < holdout < 1:
         raise ValueError(f"holdout must be between 0 and 1, got {holdout}")
-    targets = np.array([categories.index(label) for label in labels])
+    position = {category: i for i, category in enumerate(categories)}
+    targets = np.array([position[label] for label in labels])
 
     train, test = holdout_split(labels, groups=groups, holdout=holdout, seed=seed)
-    c, temperature = _choose_settings(vectors[train], targets[train], [groups[i] for i in train], len(categories), seed)
-    evaluated = _fit(vectors[train], targets[train], len(categories), c)
+    train_groups = [groups[i] for i in train]
+    l2, temperature = _choose_settings(vectors[train], targets[train], train_groups, len(categories), seed)
+    evaluated = _fit(vectors[train], targets[train], len(categories), l2)
     proba = _softmax(evaluated.logits(vectors[test]) / temperature)
     metrics = classification_metrics([labels[i] for i in test], proba, categories)
     metrics.update(
@@ -247,10 +251,10 @@ def train_category_head(
         n_test=int(len(test)),
         untested_categories=[c for c in categories if metrics["per_category"][c]["support"] == 0],
         temperature=temperature,
-        C=c,
+        l2=l2,
     )
 
-    final = _fit(vectors, targets, len(categories), c)
+    final = _fit(vectors, targets, len(categories), l2)
     head = CategoryHead(
         identity=identity,
         categories=categories,
@@ -262,6 +266,42 @@ def train_category_head(
         unsure_threshold=unsure_threshold,
     )
     return TrainResult(head=head, metrics=metrics)
+
+
+def fit_category_head(
+    vectors,
+    labels: list[str],
+    *,
+    identity: str,
+    l2: float,
+    temperature: float,
+    unsure_threshold: float = DEFAULT_UNSURE_THRESHOLD,
+) -> CategoryHead:
+    """A head fitted on all of ``vectors`` with settings a ``train_category_head`` run chose
+    (its ``metrics["l2"]`` and ``metrics["temperature"]``): no search, no evaluation.
+
+    For cross-fitting: e.g. one head per fold of products, each judging the products it never saw.
+    Its categories are the labels present, sorted.
+    """
+    vectors = _normalized(np.asarray(vectors))
+    labels = [str(label) for label in labels]
+    categories = sorted(set(labels))
+    if vectors.ndim != 2 or len(vectors) != len(labels):
+        raise ValueError(f"need one label per vector: {vectors.shape} vectors, {len(labels)} labels")
+    if len(categories) < 2:
+        raise ValueError(f"need at least two categories to fit a head, got {categories}")
+    position = {category: i for i, category in enumerate(categories)}
+    fitted = _fit(vectors, np.array([position[label] for label in labels]), len(categories), l2)
+    return CategoryHead(
+        identity=identity,
+        categories=categories,
+        weights=fitted.weights,
+        bias=fitted.bias,
+        mean=fitted.mean,
+        scale=fitted.scale,
+        temperature=temperature,
+        unsure_threshold=unsure_threshold,
+    )
 
 
 def holdout_split(labels, *, groups=None, holdout: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -368,7 +408,7 @@ class _Fitted:
 
 
 def _choose_settings(vectors, targets, groups, count: int, seed: int) -> tuple[float, float]:
-    """(C, temperature) minimising out-of-fold log-loss, by grouped cross-fitting.
+    """(penalty, temperature) minimising out-of-fold log-loss, by grouped cross-fitting.
 
     Every training row gets a prediction from a model that never saw its product, so
     the temperature is fitted on all of them rather than on a small slice, which would
@@ -377,32 +417,32 @@ def _choose_settings(vectors, targets, groups, count: int, seed: int) -> tuple[f
     fold_of = _group_folds(targets, groups, _FOLDS, seed + 1)
     scored = fold_of >= 0
     if not scored.any():
-        return _DEFAULT_C, 1.0
-    out_of_fold = {c: np.zeros((len(targets), count), dtype=np.float32) for c in _C_GRID}
+        return _DEFAULT_L2, 1.0
+    out_of_fold = {l2: np.zeros((len(targets), count), dtype=np.float32) for l2 in _L2_GRID}
     for fold in range(_FOLDS):
         rows = fold_of == fold
         if not rows.any():
             continue
         start = None
-        for c in _C_GRID:  # each fit starts from the previous, more strongly penalised one
-            fitted = _fit(vectors[~rows], targets[~rows], count, c, start=start)
+        for l2 in _L2_GRID:  # each fit starts from the previous, more strongly penalised one
+            fitted = _fit(vectors[~rows], targets[~rows], count, l2, start=start)
             start = (fitted.weights, fitted.bias)
-            out_of_fold[c][rows] = fitted.logits(vectors[rows])
+            out_of_fold[l2][rows] = fitted.logits(vectors[rows])
     best = None
-    for c, logits in out_of_fold.items():
+    for l2, logits in out_of_fold.items():
         temperature = _temperature(logits[scored], targets[scored])
         loss = _nll(logits[scored] / temperature, targets[scored])
         if best is None or loss < best[0]:
-            best = (loss, c, temperature)
+            best = (loss, l2, temperature)
     return best[1], best[2]
 
 
-def _fit(vectors, targets, count: int, c: float, *, start=None) -> _Fitted:
+def _fit(vectors, targets, count: int, l2: float, *, start=None) -> _Fitted:
     mean = vectors.mean(axis=0)
     # One scale for all dimensions: per-dimension scaling would amplify the near-silent
     # dimensions embeddings have. Unit average variance keeps the penalty grid meaningful.
     scale = np.full(vectors.shape[1], max(float(np.sqrt(vectors.var(axis=0).mean())), 1e-6))
-    weights, bias = _logistic((vectors - mean) / scale, targets, count, 1.0 / (c * len(vectors)), start=start)
+    weights, bias = _logistic((vectors - mean) / scale, targets, count, l2, start=start)
     return _Fitted(weights, bias, mean.astype(np.float32), scale.astype(np.float32))
 
 
@@ -429,7 +469,13 @@ def _logistic(x: np.ndarray, y: np.ndarray, count: int, l2: float, *, start=None
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    threads = torch.get_num_threads()
+    if x.size * count < _SMALL_PROBLEM:
+        torch.set_num_threads(1)  # thread hand-offs cost far more than the arithmetic here
+    try:
+        optimizer.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return weights.detach().numpy().copy(), bias.detach().numpy().copy()
 
 

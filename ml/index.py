@@ -137,6 +137,23 @@ class VectorIndex:
 
     def add(self, ids, vectors, *, identity: str | None = None) -> None:
         """Add new vectors; an id already present raises ``DuplicateIdError`` (use ``upsert``)."""
+        ids, vectors = self._checked_batch(ids, vectors, identity)
+        present = ids[np.isin(ids, self.ids())]
+        if present.size:
+            raise DuplicateIdError(
+                f"{present.size} id(s) already in the index, e.g. {_sample(present)}; "
+                "use upsert() to replace their vectors"
+            )
+        self._insert(ids, vectors)
+
+    def upsert(self, ids, vectors, *, identity: str | None = None) -> None:
+        """Add or replace: the ids end up in the index once, with these vectors."""
+        ids, vectors = self._checked_batch(ids, vectors, identity)
+        self.remove(ids)
+        self._insert(ids, vectors)
+
+    def _checked_batch(self, ids, vectors, identity: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Everything that can refuse a batch, checked before anything changes."""
         self._check_identity(identity)
         ids = _as_ids(ids)
         vectors = self._as_vectors(vectors, "vectors")
@@ -145,12 +162,11 @@ class VectorIndex:
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise DuplicateIdError(f"ids repeated within one call: {_sample(unique[counts > 1])}")
-        present = ids[np.isin(ids, self.ids())]
-        if present.size:
-            raise DuplicateIdError(
-                f"{present.size} id(s) already in the index, e.g. {_sample(present)}; "
-                "use upsert() to replace their vectors"
-            )
+        for start in range(0, len(vectors), _ADD_CHUNK):
+            _check_rows(vectors[start : start + _ADD_CHUNK])
+        return ids, vectors
+
+    def _insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         for start in range(0, len(ids), _ADD_CHUNK):
             chunk_ids = ids[start : start + _ADD_CHUNK]
             chunk = _normalized(vectors[start : start + _ADD_CHUNK])
@@ -158,14 +174,6 @@ class VectorIndex:
             if self._store is not None:
                 self._store.add_with_ids(chunk, chunk_ids)
         self._gpu_main = None
-
-    def upsert(self, ids, vectors, *, identity: str | None = None) -> None:
-        """Add or replace: the ids end up in the index once, with these vectors."""
-        self._check_identity(identity)
-        ids = _as_ids(ids)
-        self._as_vectors(vectors, "vectors")  # refuse a wrong dimension before removing anything
-        self.remove(ids)
-        self.add(ids, vectors)
 
     def remove(self, ids) -> int:
         """Remove these ids; returns how many were there. Absent ids are ignored."""
@@ -340,7 +348,10 @@ class VectorIndex:
                     f"index file {path} does not match {directory / MANIFEST_NAME}: {key} is "
                     f"{header.get(key)!r} in the file and {manifest.get(key)!r} in the manifest; {REBUILD_HINT}"
                 )
-        index = cls._from_parts(header, parts, path)
+        try:
+            index = cls._from_parts(header, parts, path)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexFileError(f"index file {path} has an unreadable header ({exc!r}); {REBUILD_HINT}") from exc
         if use_gpu is None:
             use_gpu = _gpu_count() > 0
         if use_gpu:
@@ -511,15 +522,15 @@ def _train_approximate(vectors: np.ndarray, rng: np.random.Generator) -> tuple[f
     if candidate_dim < dim:
         # Centred PCA turns cosine ranking into L2 ranking, so the candidate stage searches by L2.
         pca = _pca_transform(sample, candidate_dim, rng)
-        projected = np.concatenate(
-            [pca.apply(_normalized(vectors[rows[start : start + _ADD_CHUNK]])) for start in range(0, len(rows), _ADD_CHUNK)]
-        )
+        chunks = (rows[start : start + _ADD_CHUNK] for start in range(0, len(rows), _ADD_CHUNK))
+        projected = np.concatenate([pca.apply(_normalized(vectors[chunk])) for chunk in chunks])
         ivf.train(projected)
         main = faiss.IndexPreTransform(pca, ivf)
     else:
         ivf.train(_normalized(vectors[rows]))
         main = ivf
-    store = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_6bit, faiss.METRIC_INNER_PRODUCT))
+    codes = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_6bit, faiss.METRIC_INNER_PRODUCT)
+    store = faiss.IndexIDMap2(codes)
     store.train(sample)
     return main, store
 
@@ -606,7 +617,7 @@ class IndexReader:
     logged and skipped while the previous one keeps serving.
     """
 
-    def __init__(self, directory, *, expected_identity: str | None = None, check_interval: float = 5.0) -> None:
+    def __init__(self, directory, *, expected_identity: str | None = None, check_interval: float = 0.5) -> None:
         self.directory = Path(directory)
         self.expected_identity = expected_identity
         self.check_interval = check_interval
@@ -812,13 +823,18 @@ def _as_ids(ids) -> np.ndarray:
 def _normalized(vectors: np.ndarray) -> np.ndarray:
     """A float32 copy scaled to unit length; zero or non-finite rows are refused."""
     out = np.array(vectors, dtype=np.float32, order="C", copy=True)
-    if not np.isfinite(out).all():
-        raise ValueError("vectors contain NaN or infinite values")
-    norms = np.sqrt(np.einsum("ij,ij->i", out, out))
-    if (norms == 0).any():
-        raise ValueError(f"{int((norms == 0).sum())} vector(s) are all zeros and have no direction to search by")
-    out /= norms[:, None]
+    out /= np.sqrt(_check_rows(out))[:, None]
     return out
+
+
+def _check_rows(vectors: np.ndarray) -> np.ndarray:
+    """Squared norms of the rows, after refusing non-finite and all-zero rows."""
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    squared = np.einsum("ij,ij->i", vectors, vectors)
+    if (squared == 0).any():
+        raise ValueError(f"{int((squared == 0).sum())} vector(s) are all zeros and have no direction to search by")
+    return squared
 
 
 def _sample(values: np.ndarray, limit: int = 5) -> str:

@@ -125,6 +125,9 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Waiting on the write lock beats failing with "database is locked" under concurrent requests.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # WAL: readers never wait for the writer, and a commit is an append instead of journal fsyncs
+    # (NORMAL is crash-safe in WAL mode; a power cut may lose the last commits, never corrupt the file).
+    DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "")
@@ -169,6 +172,11 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 IMAGE_ALLOWED_FORMATS = [f.upper() for f in env_list("VISUALSEARCH_IMAGE_FORMATS", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])]
 IMAGE_MAX_PIXELS = env_int("VISUALSEARCH_IMAGE_MAX_PIXELS", 40_000_000)
 INDEX_DIR = DATA_DIR / "index"
+# The category head (catalog/categorizer.py): trained head files, and the evaluation reports the admin links to.
+CATEGORIZER_DIR = DATA_DIR / "categorizer"
+REPORTS_DIR = DATA_DIR / "reports"
+# Training reads stored embeddings only (no model, no GPU): it runs on the default queue, for up to this long.
+CATEGORIZER_TRAIN_TIME_LIMIT = env_int("VISUALSEARCH_CATEGORIZER_TIME_LIMIT", 3600)
 
 # Images fetched from user-given URLs (search by URL, ingest manifests).
 FETCH_CONNECT_TIMEOUT = 3.0
@@ -208,6 +216,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ImageStatusEnum": "catalog.models.ProductImage.Status",
         "SuggestionStatusEnum": "catalog.models.CategoryPrediction.Status",
+        "CategorizerStatusEnum": "catalog.models.CategorizerVersion.Status",
+        "IngestJobStatusEnum": "catalog.models.IngestJob.Status",
     },
 }
 
@@ -224,9 +234,6 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "workers.tasks.embed_images": {"queue": "embed"},
     "workers.tasks.index_images": {"queue": "index"},
-    "workers.tasks.start_ingest_job": {"queue": "default"},
-    "workers.tasks.ingest_rows": {"queue": "default"},
-    "workers.tasks.refresh_ingest_jobs": {"queue": "default"},
     "workers.tasks.*": {"queue": "default"},
 }
 CELERY_BEAT_SCHEDULE = {

@@ -4,9 +4,10 @@ Every task is idempotent (running it twice leaves the same state), acknowledged 
 if its worker dies, and retried with backoff on transient errors. Routing lives in settings.
 """
 from celery import Task, shared_task
+from django.conf import settings
 from django.db import DatabaseError
 
-from catalog import ingest, pipeline
+from catalog import categorizer, ingest, pipeline
 
 RELIABLE = {
     "acks_late": True,
@@ -74,3 +75,21 @@ def ingest_rows(self, job_id: int, first: int, last: int) -> dict:
 def refresh_ingest_jobs() -> dict:
     """Bring running ingest jobs' counters up to date, finish those that are done, revive stalled ones."""
     return ingest.ingest_jobs_sweep()
+
+
+class TrainCategorizerTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # Retries are spent: the version ends failed with the reason instead of training forever.
+        categorizer.categorizer_fail(version_id=kwargs["version_id"], reason=f"training failed: {exc}")
+
+
+@shared_task(
+    bind=True, base=TrainCategorizerTask,
+    # Acknowledged early: a training may outlast the broker's visibility timeout, and a redelivered copy
+    # would train twice at once. A lost one ends failed (categorizer_train_start) and is started again.
+    **{**RELIABLE, "acks_late": False, "reject_on_worker_lost": False},
+    soft_time_limit=settings.CATEGORIZER_TRAIN_TIME_LIMIT, time_limit=settings.CATEGORIZER_TRAIN_TIME_LIMIT + 60,
+)
+def train_categorizer(self, version_id: int) -> dict:
+    """Train the category head from stored embeddings (no model, no GPU: the default queue) and refresh suggestions."""
+    return categorizer.categorizer_train(version_id=version_id)

@@ -1,6 +1,6 @@
 """Bulk ingest jobs: POST a manifest (and a ZIP of images), then follow the job until it finishes."""
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
@@ -29,7 +29,9 @@ class IngestJobAccepted(serializers.ModelSerializer):
 
 
 class IngestJobError(serializers.Serializer):
-    row = serializers.IntegerField(allow_null=True, help_text="The row's line in the manifest (the CSV header is line 1).")
+    row = serializers.IntegerField(
+        allow_null=True, help_text="The row's line in the manifest (the CSV header is line 1); null for the job's own."
+    )
     sku = serializers.CharField(allow_null=True)
     error = serializers.CharField()
 
@@ -43,7 +45,7 @@ class IngestJobOutput(serializers.ModelSerializer):
         fields = ["id", "status", "total", "processed", "succeeded", "failed", "errors", "started_at",
                   "finished_at", "images_per_s"]
 
-    @extend_schema(responses=IngestJobError(many=True))
+    @extend_schema_field(IngestJobError(many=True))
     def get_errors(self, job: IngestJob) -> list[dict]:
         return ingest_job_errors(job=job)
 

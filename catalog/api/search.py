@@ -5,7 +5,7 @@ from rest_framework import serializers
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
+from catalog.api.throttling import ScopedRateThrottleFailOpen
 from rest_framework.views import APIView
 
 from catalog.models import Category, Product
@@ -71,7 +71,7 @@ class SearchOutput(serializers.Serializer):
 class SearchApi(APIView):
     permission_classes = [AllowAny]
     parser_classes = [JSONParser, MultiPartParser, FormParser]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ScopedRateThrottleFailOpen]
     throttle_scope = "search"
 
     @extend_schema(

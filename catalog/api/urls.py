@@ -3,6 +3,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authtoken.views import obtain_auth_token
 
 from catalog.api import views
+from catalog.api.categorizer import CategorizerApi, CategorizerApplyApi, CategorizerTrainApi
 from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi
 from catalog.api.search import SearchApi
 
@@ -17,6 +18,9 @@ urlpatterns = [
     path("search/", SearchApi.as_view(), name="search"),
     path("ingest-jobs/", IngestJobCreateApi.as_view(), name="ingest-job-list"),
     path("ingest-jobs/<int:pk>/", IngestJobDetailApi.as_view(), name="ingest-job-detail"),
+    path("categorizer/", CategorizerApi.as_view(), name="categorizer"),
+    path("categorizer/train/", CategorizerTrainApi.as_view(), name="categorizer-train"),
+    path("categorizer/apply/", CategorizerApplyApi.as_view(), name="categorizer-apply"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
 ]

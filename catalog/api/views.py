@@ -4,7 +4,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
+from catalog.api.throttling import ScopedRateThrottleFailOpen
 from rest_framework.views import APIView
 
 from catalog import selectors, services
@@ -107,7 +107,7 @@ class ProductDetailApi(APIView):
 
 class ProductImageUploadApi(APIView):
     parser_classes = [MultiPartParser, FormParser]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ScopedRateThrottleFailOpen]
     throttle_scope = "uploads"
 
     @extend_schema(

@@ -129,11 +129,11 @@ def test_a_bad_row_fails_alone_with_a_readable_error(staff, images, settings, ph
     manifest = make_csv([
         ["OK-1", "Fine", "img/cat.jpg", "", "5", ""],
         ["MISS-1", "Missing file", "img/nowhere.jpg", "", "", ""],
-        ["NOISE-1", "Not an image", "img/noise.jpg", "", "", ""],
+        ["NOISE-1", "Not an image", "img/noise.jpg", "misc/new", "", ""],
         ["PRICE-1", "Bad price", "img/coffee.jpg", "", "twelve", ""],
         ["URL-1", "Unreachable", f"http://127.0.0.1:{port}/a.jpg", "", "", ""],
         ["", "No sku", "img/coffee.jpg", "", "", ""],
-        ["OK-2", "Fine too", "img/rocket.png", "", "", ""],
+        ["OK-2", "Fine too", "img/rocket.png", "misc/new", "", ""],
     ])
     archive = make_zip({**images, "img/noise.jpg": bytes(range(256)) * 40})
     body = run_job(staff, manifest, archive)
@@ -148,6 +148,7 @@ def test_a_bad_row_fails_alone_with_a_readable_error(staff, images, settings, ph
     assert errors[6]["sku"] == "URL-1" and f"127.0.0.1:{port}" in errors[6]["error"]
     assert errors[7]["error"] == "sku: the sku is empty"
     assert sorted(Product.objects.values_list("sku", flat=True)) == ["OK-1", "OK-2"]  # a failed row stores nothing
+    assert Product.objects.get(sku="OK-2").category.path == "misc/new"  # made again after NOISE-1's rolled back
 
 
 def test_images_given_by_url_are_fetched_safely(staff, image_server, settings):  # noqa: F811
@@ -255,7 +256,8 @@ def test_archive_caps_on_file_count_and_total_size(staff, images, settings):
 def test_an_image_over_the_size_cap_fails_only_its_row(staff, images, settings):
     settings.MAX_UPLOAD_BYTES = 200_000
     assert len(images["img/rocket.png"]) > 200_000 > len(images["img/cat.jpg"])
-    manifest = make_csv([["BIG-1", "Big", "img/rocket.png", "", "", ""], ["SMALL-1", "Small", "img/cat.jpg", "", "", ""]])
+    manifest = make_csv([["BIG-1", "Big", "img/rocket.png", "", "", ""],
+                         ["SMALL-1", "Small", "img/cat.jpg", "", "", ""]])
     body = run_job(staff, manifest, make_zip(images, zipfile.ZIP_DEFLATED))
     assert body["succeeded"] == 1
     assert body["errors"] == [
@@ -305,7 +307,9 @@ def test_a_chunk_delivered_again_redoes_no_row(images, settings, staff):
                                    archive=ContentFile(make_zip(images), name="a.zip"), start=False)
     chunks = ingest.ingest_job_start(job_id=job.pk, queue_chunks=False)
     assert chunks == [(2, 3), (4, 5)]
-    assert ingest.ingest_job_start(job_id=job.pk) == []  # the start delivered again queues nothing
+    # The start delivered again (its worker died before acknowledging it) queues the same rows, no more.
+    assert ingest.ingest_job_start(job_id=job.pk, queue_chunks=False) == chunks
+    assert IngestRow.objects.filter(job=job).count() == 4
 
     tasks.ingest_rows.apply(kwargs={"job_id": job.pk, "first": 2, "last": 3})
     progress = staff.get(f"/api/ingest-jobs/{job.pk}/").json()
@@ -322,11 +326,31 @@ def test_a_chunk_delivered_again_redoes_no_row(images, settings, staff):
     assert ProductImage.objects.count() == 4 and Product.objects.count() == 4
 
 
+def test_the_sweep_revives_jobs_whose_messages_were_lost(images, settings):
+    settings.INGEST_STALE_SECONDS = 60
+    long_ago = "2000-01-01T00:00:00Z"
+    upload = {"manifest": ContentFile(make_csv([["L-1", "a", "img/cat.jpg", "", "", ""]]), name="m.csv"),
+              "archive": ContentFile(make_zip(images), name="a.zip")}
+    never_started = ingest.ingest_job_create(**upload, start=False)
+    stalled = ingest.ingest_job_create(**upload, start=False)
+    ingest.ingest_job_start(job_id=stalled.pk, queue_chunks=False)  # running, but its chunk message is lost
+    assert tasks.refresh_ingest_jobs.apply().get() == {"refreshed": 1, "requeued": 0}  # not stale yet
+    IngestJob.objects.filter(pk=never_started.pk).update(updated_at=long_ago)
+    IngestRow.objects.filter(job=stalled).update(updated_at=long_ago)
+
+    tasks.refresh_ingest_jobs.apply()  # embedded: the queued work runs now
+    for job in (never_started, stalled):
+        job.refresh_from_db()
+        assert job.status == "succeeded", job.pk
+    assert Product.objects.get(sku="L-1").images.count() == 1
+
+
 def test_a_chunk_whose_retries_are_spent_fails_its_rows_and_the_job_goes_on(images, monkeypatch):
-    job = ingest.ingest_job_create(manifest=ContentFile(make_csv([["A-1", "a", "img/cat.jpg", "", "", ""]]), name="m.csv"),
+    manifest = make_csv([["A-1", "a", "img/cat.jpg", "", "", ""]])
+    job = ingest.ingest_job_create(manifest=ContentFile(manifest, name="m.csv"),
                                    archive=ContentFile(make_zip(images), name="a.zip"), start=False)
     ingest.ingest_job_start(job_id=job.pk, queue_chunks=False)
-    monkeypatch.setattr(ingest, "_row_store", lambda **kwargs: 1 / 0)
+    monkeypatch.setattr(ingest, "_row_input", lambda *args: 1 / 0)
     tasks.ingest_rows.apply(kwargs={"job_id": job.pk, "first": 2, "last": 2})
     job.refresh_from_db()
     assert job.status == "completed_with_errors"
@@ -357,8 +381,8 @@ def test_the_command_shows_progress_and_a_summary(tmp_path, images):
 
 
 def test_the_admin_shows_jobs_with_a_progress_bar(client, staff, images):
-    body = run_job(staff, make_csv([["ADM-1", "a", "img/cat.jpg", "", "", ""], ["ADM-2", "b", "img/x.jpg", "", "", ""]]),
-                   make_zip(images))
+    manifest = make_csv([["ADM-1", "a", "img/cat.jpg", "", "", ""], ["ADM-2", "b", "img/x.jpg", "", "", ""]])
+    body = run_job(staff, manifest, make_zip(images))
     client.force_login(get_user_model().objects.create_superuser("root", password="root-pass-123"))
     listing = client.get("/admin/catalog/ingestjob/").content.decode()
     assert 'class="ingest-progress" style="width:100%' in listing and "Completed With Errors" in listing

@@ -15,7 +15,7 @@ DIM = 32
 CATEGORIES = ["bags", "boots", "dresses", "hats", "lamps", "mugs"]
 
 
-def catalog(products_per_category=30, photos=3, *, spread=2.0, seed=0):
+def catalog(products_per_category=30, photos=3, *, spread=2.6, seed=0):
     """Photos of products of overlapping categories: (vectors, labels, product ids).
 
     The categories are the same for every seed; the seed draws the products.
@@ -79,7 +79,7 @@ def test_training_reports_held_out_metrics(trained, data):
     metrics = trained.metrics
     assert metrics["n_train"] + metrics["n_test"] == len(labels)
     assert 0.15 <= metrics["n_test"] / len(labels) <= 0.25
-    assert 0.7 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert 0.65 <= metrics["top1"] <= metrics["top5"] <= 1.0
     assert metrics["top1"] < 0.95, "a case hard enough for the metrics to mean something"
     assert metrics["confusion"]["labels"] == CATEGORIES == trained.head.categories
     matrix = np.array(metrics["confusion"]["matrix"])
@@ -119,8 +119,8 @@ def test_no_worse_than_sklearn_logistic_regression_on_the_same_splits():
     from sklearn.linear_model import LogisticRegression
 
     ours, baseline = [], []
-    for seed in range(3):  # one split is a few dozen products: compare over several
-        vectors, labels, groups = catalog(products_per_category=40, seed=seed)
+    for seed in range(4):  # one split is a few dozen products: compare over several
+        vectors, labels, groups = catalog(products_per_category=40, spread=(2.0, 2.6)[seed % 2], seed=seed)
         ours.append(train_category_head(vectors, labels, identity=IDENTITY, groups=groups, seed=seed).metrics["top1"])
         train, test = holdout_split(labels, groups=groups, holdout=0.2, seed=seed)  # the split training used
         model = LogisticRegression(max_iter=2000).fit(vectors[train], np.array(labels)[train])
@@ -138,7 +138,8 @@ def test_predictions_are_ranked_probabilities(trained, data):
         scores = [score for _, score in prediction.choices]
         assert len(scores) == 3 and scores == sorted(scores, reverse=True)
         assert prediction.category == prediction.choices[0][0] and prediction.probability == scores[0]
-    assert sum(p.category == label for p, label in zip(predictions, labels)) >= 40
+    everything = head.predict(vectors, k=1)
+    assert np.mean([p.category == label for p, label in zip(everything, labels)]) > 0.7, "chance is 1/6"
     assert len(head.predict_one(vectors[0], k=10).choices) == len(CATEGORIES)
 
 
@@ -150,7 +151,7 @@ def test_unsure_predictions_are_the_ones_more_often_wrong(trained):
     right = np.array([p.category == label for p, label in zip(predictions, labels)])
     unsure = np.array([p.unsure for p in predictions])
     assert 0.05 < unsure.mean() < 0.5
-    assert right[~unsure].mean() > 0.85 > 0.6 > right[unsure].mean()
+    assert right[~unsure].mean() > right[unsure].mean() + 0.25
     assert all(p.unsure for p in head.predict(vectors[:20], unsure_threshold=1.01))
     assert not any(p.unsure for p in head.predict(vectors[:20], unsure_threshold=0.0))
 

@@ -96,7 +96,8 @@ def effnet_imagenet_fp32():
 
 @pytest.fixture(scope="module")
 def images():
-    return [photo("chelsea", (120, 80)), photo("coffee", (90, 60)), photo("astronaut", (64, 64)), photo("camera", (50, 70))]
+    sizes = {"chelsea": (120, 80), "coffee": (90, 60), "astronaut": (64, 64), "camera": (50, 70)}
+    return [photo(name, size) for name, size in sizes.items()]
 
 
 @pytest.fixture
@@ -139,11 +140,9 @@ def test_the_same_image_gives_the_identical_vector(resnet_random, images):
 def test_batch_size_does_not_change_the_vectors(effnet_random, images, monkeypatch):
     whole = effnet_random.embed(images).vectors
     monkeypatch.setattr(effnet_random, "batch_size", 3)
-    in_batches_of_three = effnet_random.embed(images).vectors
-    one_by_one = np.concatenate([effnet_random.embed([image]).vectors for image in images])
+    in_batches_of_three_and_one = effnet_random.embed(images).vectors
 
-    np.testing.assert_allclose(in_batches_of_three, whole, atol=1e-4)
-    np.testing.assert_allclose(one_by_one, whole, atol=1e-4)
+    np.testing.assert_allclose(in_batches_of_three_and_one, whole, atol=1e-4)
 
 
 def test_identity_is_stable_across_loads(effnet_random):
@@ -217,7 +216,13 @@ def test_center_crop_preprocessing_is_the_weights_own(resnet_random, effnet_cent
     timm_config = timm.data.resolve_model_data_config(timm.create_model("tf_efficientnet_lite0"))
     cases = [
         (resnet_random, resnet_transform, resnet_transform.mean, resnet_transform.std, 232),
-        (effnet_centre_crop, timm.data.create_transform(**timm_config), timm_config["mean"], timm_config["std"], 256),
+        (
+            effnet_centre_crop,
+            timm.data.create_transform(**timm_config),
+            timm_config["mean"],
+            timm_config["std"],
+            256,
+        ),
     ]
     for embedder, transform, mean, std, resize_size in cases:
         mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
@@ -248,7 +253,7 @@ def test_pad_keeps_the_whole_product_on_white(effnet_random, effnet_centre_crop)
 
 def test_auto_precision_keeps_the_top10_neighbours_of_fp32(effnet_imagenet, effnet_imagenet_fp32):
     """What "auto" promises: the same neighbours as fp32 (>= 0.98 of the top-10)."""
-    images = crops(40)
+    images = crops(24)
     fp32 = effnet_imagenet_fp32.embed(images).vectors
 
     auto = effnet_imagenet.embed(images).vectors

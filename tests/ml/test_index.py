@@ -258,7 +258,8 @@ def test_save_and_load_round_trip_approximate(approximate, approximate_data, tmp
     loaded = VectorIndex.load(tmp_path)
     assert loaded.kind == APPROXIMATE and loaded.nprobe == approximate.nprobe
     for allow in (None, approximate.ids()[::3]):
-        for a, b in zip(approximate.search(vectors[:30], 10, allow_ids=allow), loaded.search(vectors[:30], 10, allow_ids=allow)):
+        expected = approximate.search(vectors[:30], 10, allow_ids=allow)
+        for a, b in zip(expected, loaded.search(vectors[:30], 10, allow_ids=allow)):
             np.testing.assert_array_equal(a, b)
 
 

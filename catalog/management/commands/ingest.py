@@ -50,7 +50,7 @@ class Command(BaseCommand):
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"ingest job {job.pk}: {manifest}" + (f" with {archive}" if archive else ""))
         self._tty = self.stdout.isatty()
-        self._last_line = 0.0
+        self._last_line, self._last_text = 0.0, ""
 
         if eager:
             # No workers: run the chunks here, one after the other, drawing the bar between them.
@@ -81,6 +81,9 @@ class Command(BaseCommand):
         rate = f"  {job.images_per_s:.1f} images/s" if job.images_per_s else ""
         line = (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done:4.0%}  {job.processed}/{job.total} rows  "
                 f"{job.succeeded} ok  {job.failed} failed{rate}")
+        if not self._tty and line == self._last_text:
+            return
+        self._last_text = line
         self.stdout.write(("\r" + line) if self._tty else line, ending="\n" if final or not self._tty else "")
         self.stdout.flush()
 
