@@ -10,7 +10,7 @@ from django.utils.html import format_html, format_html_join
 
 from catalog import categorizer
 from catalog.ingest import ingest_job_current, ingest_job_errors
-from catalog.models import Category, CategorizerVersion, CategoryPrediction, IngestJob, Product, ProductImage
+from catalog.models import CategorizerVersion, Category, CategoryPrediction, IngestJob, Product, ProductImage
 
 
 def thumbnail(image: ProductImage | None, height: int = 80) -> str:

@@ -29,7 +29,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from catalog.models import Category, CategorizerVersion, CategoryPrediction, Product, ProductImage
+from catalog.models import CategorizerVersion, Category, CategoryPrediction, Product, ProductImage
 from catalog.pipeline import active_index
 from catalog.queue import enqueue, queue_check
 from ml import category_audit

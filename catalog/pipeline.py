@@ -11,7 +11,6 @@ identity's index and search switches over only once that index holds every image
 import contextlib
 import datetime
 import fcntl
-import io
 import json
 import logging
 import os

@@ -22,8 +22,8 @@ from PIL import Image
 
 from ml.embedder import (
     BACKBONES,
-    PREPROCESS_MODES,
     PRECISIONS,
+    PREPROCESS_MODES,
     Embedder,
     WeightsError,
     embed_sources,

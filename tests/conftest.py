@@ -31,12 +31,21 @@ def photo():
 
 
 @pytest.fixture
+def offline_model(settings):
+    """Tests embed with the offline EfficientNet-Lite0 and its real ImageNet weights (fast on 2 cores)."""
+    settings.EMBED_BACKBONE = "efficientnet_lite0"
+    settings.EMBED_WEIGHTS = "imagenet"
+
+
+@pytest.fixture
 def isolated_data(settings, tmp_path):
     """Media and index files in a per-test directory, never in the developer's data directory."""
     from catalog import pipeline, search
 
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.INDEX_DIR = tmp_path / "index"
+    settings.CATEGORIZER_DIR = tmp_path / "categorizer"
+    settings.REPORTS_DIR = tmp_path / "reports"
     pipeline._writer_indexes.clear()
     search._readers.clear()
     yield tmp_path

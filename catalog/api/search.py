@@ -5,9 +5,9 @@ from rest_framework import serializers
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from catalog.api.throttling import ScopedRateThrottleFailOpen
 from rest_framework.views import APIView
 
+from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product
 from catalog.remote import FetchError, fetch_url
 from catalog.search import search_catalog

@@ -4,7 +4,6 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
-from catalog.api.throttling import ScopedRateThrottleFailOpen
 from rest_framework.views import APIView
 
 from catalog import selectors, services
@@ -17,6 +16,7 @@ from catalog.api.serializers import (
     ProductInput,
     ProductOutput,
 )
+from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product, ProductImage
 
 ERROR = OpenApiResponse(description='{"error": "...", "fields": {...}}')

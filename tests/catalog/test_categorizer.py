@@ -23,11 +23,7 @@ PRODUCTS_PER_CATEGORY = 3
 
 
 @pytest.fixture(autouse=True)
-def offline_model(settings, isolated_data):
-    settings.EMBED_BACKBONE = "efficientnet_lite0"
-    settings.EMBED_WEIGHTS = "imagenet"
-    settings.CATEGORIZER_DIR = isolated_data / "categorizer"
-    settings.REPORTS_DIR = isolated_data / "reports"
+def _offline_model(offline_model, isolated_data):
     categorizer._loaded.clear()
     yield
     categorizer._loaded.clear()

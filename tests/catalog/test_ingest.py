@@ -10,8 +10,8 @@ from decimal import Decimal
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
-from django.core.management import CommandError, call_command
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import CommandError, call_command
 from django.http import HttpResponse
 from django.test import RequestFactory
 
@@ -28,9 +28,8 @@ HEADER = ["sku", "title", "image", "category", "price", "description"]
 
 
 @pytest.fixture(autouse=True)
-def offline_model(settings):
-    settings.EMBED_BACKBONE = "efficientnet_lite0"
-    settings.EMBED_WEIGHTS = "imagenet"
+def _offline_model(offline_model):
+    pass
 
 
 def make_zip(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:

@@ -17,9 +17,8 @@ PHOTOS = ["chelsea", "coffee", "rocket", "astronaut", "horse", "clock"]
 
 
 @pytest.fixture(autouse=True)
-def offline_model(settings):
-    settings.EMBED_BACKBONE = "efficientnet_lite0"
-    settings.EMBED_WEIGHTS = "imagenet"
+def _offline_model(offline_model):
+    pass
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ ARTIFACTS = REPO_ROOT / "artifacts"
 
 
 @pytest.fixture
-def catalog(settings, isolated_data, photo):
-    settings.EMBED_BACKBONE = "efficientnet_lite0"
-    settings.EMBED_WEIGHTS = "imagenet"
+def catalog(isolated_data, offline_model, photo):
     prints = services.category_get_or_create_path(path="prints")
     for i, name in enumerate(["chelsea", "coffee", "rocket", "astronaut", "horse"]):
         product = services.product_create(sku=name.upper(), title=f"{name.title()} print", price=10 + i, category=prints)

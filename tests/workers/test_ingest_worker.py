@@ -8,16 +8,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
 from catalog.models import IngestJob, IngestRow, Product, ProductImage
-from tests.workers.test_worker_integration import (  # noqa: F401 (fixtures)
-    crops,
-    data_dir,
-    published_ids,
-    services_only,
-    wait_until,
-    workers,
-)
+from tests.workers.live import crops, published_ids, wait_until
 
-pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("services_only")]
 
 ROWS = 240
 CHUNK_ROWS = 120

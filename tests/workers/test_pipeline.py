@@ -14,9 +14,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def offline_model(settings, isolated_data):
-    settings.EMBED_BACKBONE = "efficientnet_lite0"
-    settings.EMBED_WEIGHTS = "imagenet"
+def _offline_model(offline_model, isolated_data):
+    pass
 
 
 def add_product(sku, photo_bytes, category=None):
