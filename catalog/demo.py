@@ -35,6 +35,8 @@ def _photo(name: str, variant: str) -> bytes:
     from skimage import data
 
     pixels = getattr(data, name)()
+    if pixels.dtype == bool:  # a silhouette: True is the white background
+        pixels = pixels.astype(np.uint8) * 255
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
     img = Image.fromarray(pixels[..., :3].astype(np.uint8))

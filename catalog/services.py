@@ -21,6 +21,9 @@ from ml.images import ImageDecodeError, inspect_image
 
 logger = logging.getLogger(__name__)
 
+# Uploads are checked by decoding them, large JPEGs at reduced size (still every byte read): at least the
+# pixels any backbone's preprocessing needs, so what passes here also decodes for the model.
+UPLOAD_CHECK_MIN_SIDE = 256
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
@@ -184,7 +187,8 @@ def product_image_add(
         )
     try:
         info = inspect_image(
-            data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS), max_pixels=settings.IMAGE_MAX_PIXELS
+            data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS), max_pixels=settings.IMAGE_MAX_PIXELS,
+            min_side=UPLOAD_CHECK_MIN_SIDE,
         )
     except ImageDecodeError as exc:
         raise ValidationError({"image": str(exc)}) from None

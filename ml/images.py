@@ -101,13 +101,16 @@ def inspect_image(
     *,
     allowed_formats: frozenset[str] = DEFAULT_ALLOWED_FORMATS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
 ) -> ImageInfo:
     """Validate ``data`` exactly as ``decode_image`` does, then drop the pixels.
 
     A full decode is the only way to know the file is not truncated, and running the
-    same code guarantees that what passes at upload time decodes later.
+    same code guarantees that what passes at upload time decodes later. ``min_side``
+    lets a large JPEG be checked at reduced size: draft mode still reads every byte of
+    the compressed data, so truncation is caught, at a fraction of the cost.
     """
-    _, info = decode_image(data, allowed_formats=allowed_formats, max_pixels=max_pixels)
+    _, info = decode_image(data, allowed_formats=allowed_formats, max_pixels=max_pixels, min_side=min_side)
     return info
 
 

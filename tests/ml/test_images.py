@@ -312,3 +312,12 @@ def test_returned_image_is_loaded_rgb_for_every_accepted_format():
         image, info = decode_image(encode(source, image_format))
         assert (image.mode, image.size, info) == ("RGB", (12, 7), ImageInfo(image_format, 12, 7))
         assert not getattr(image, "tile", None), "pixels must be in memory, not still to be read"
+
+
+def test_inspect_at_reduced_size_still_refuses_a_truncated_jpeg():
+    buf = io.BytesIO()
+    Image.new("RGB", (2400, 1800), (200, 40, 40)).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    assert inspect_image(data, min_side=256) == ImageInfo("JPEG", 2400, 1800)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        inspect_image(data[: len(data) * 9 // 10], min_side=256)
