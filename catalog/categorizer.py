@@ -29,9 +29,17 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from catalog.models import CategorizerVersion, Category, CategoryPrediction, Product, ProductImage
+from catalog.models import (
+    CategorizerVersion,
+    Category,
+    CategoryPrediction,
+    Product,
+    ProductImage,
+    embedding_from_bytes,
+)
 from catalog.pipeline import active_index
 from catalog.queue import enqueue, queue_check
+from catalog.selectors import embedded_images
 from ml import category_audit
 from ml.categorizer import CategoryHead, CategoryHeadError, train_category_head
 
@@ -133,7 +141,7 @@ def _training_data(identity: str) -> _TrainingData:
     rows = list(
         _categorized_images(identity).order_by("id").values_list("product_id", "product__category_id", "embedding")
     )
-    vectors = np.stack([np.frombuffer(bytes(blob), dtype=np.float32) for _, _, blob in rows]) if rows else None
+    vectors = np.stack([embedding_from_bytes(blob) for _, _, blob in rows]) if rows else None
     return _TrainingData(vectors, [str(c) for _, c, _ in rows], [p for p, _, _ in rows])
 
 
@@ -288,14 +296,13 @@ def _embeddings(identity: str, product_ids, exclude_image_ids=()) -> tuple[list[
     product_ids = list(product_ids)
     for start in range(0, len(product_ids), _CHUNK):
         rows = (
-            ProductImage.objects.filter(product_id__in=product_ids[start:start + _CHUNK], model_identity=identity,
-                                        embedding__isnull=False)
-            .exclude(status=ProductImage.Status.FAILED).exclude(id__in=list(exclude_image_ids))
+            embedded_images(identity).filter(product_id__in=product_ids[start:start + _CHUNK])
+            .exclude(id__in=list(exclude_image_ids))
             .order_by("id").values_list("product_id", "embedding")
         )
         for product_id, blob in rows:
             owners.append(product_id)
-            vectors.append(np.frombuffer(bytes(blob), dtype=np.float32))
+            vectors.append(embedding_from_bytes(blob))
     return owners, np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
 
 

@@ -37,6 +37,7 @@ from django.utils import timezone
 
 from catalog import services
 from catalog.models import Category, IngestJob, IngestRow, Product, ProductImage
+from catalog.pipeline import images_queue_embedding
 from catalog.queue import enqueue, queue_check
 from catalog.remote import FetchError, fetch_url
 
@@ -463,7 +464,7 @@ def ingest_rows_process(*, job_id: int, first: int, last: int) -> dict:
             break
         batch, position = _rows_read(rows, position, archive, deadline)
         new_images = _rows_store(batch, categories, totals)
-        _queue_embedding(new_images)
+        images_queue_embedding(image_ids=new_images)
         if time.monotonic() - refreshed >= 1.0:
             ingest_job_refresh(job=job)
             refreshed = time.monotonic()
@@ -555,13 +556,6 @@ def _rows_store(batch: list[tuple[IngestRow, "_RowInput | ValidationError"]], ca
     return new_images
 
 
-def _queue_embedding(image_ids: list[int]) -> None:
-    from catalog.pipeline import images_queue_embedding
-
-    if image_ids:
-        images_queue_embedding(image_ids=image_ids)
-
-
 def _image_bytes(image: str, archive: ArchiveReader | None) -> tuple[bytes, str]:
     if URL_SCHEME.match(image):
         try:
@@ -577,11 +571,7 @@ def _image_bytes(image: str, archive: ArchiveReader | None) -> tuple[bytes, str]
 
 def _category(path: str, categories: dict) -> Category:
     if path not in categories:
-        try:
-            with transaction.atomic():
-                categories[path] = services.category_get_or_create_path(path=path)
-        except IntegrityError:  # another worker created a level of it a moment ago
-            categories[path] = services.category_get_or_create_path(path=path)
+        categories[path] = services.category_get_or_create_path(path=path)
     return categories[path]
 
 

@@ -5,6 +5,15 @@ from django.db import models
 from django.utils import timezone
 
 
+def embedding_to_bytes(vector: np.ndarray) -> bytes:
+    """How an embedding is stored: float32 bytes."""
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def embedding_from_bytes(blob) -> np.ndarray:
+    return np.frombuffer(bytes(blob), dtype=np.float32)
+
+
 class Category(models.Model):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=200, unique=True)
@@ -88,7 +97,7 @@ class ProductImage(models.Model):
         """The stored embedding as float32, or None before the image is embedded."""
         if self.embedding is None:
             return None
-        return np.frombuffer(bytes(self.embedding), dtype=np.float32)
+        return embedding_from_bytes(self.embedding)
 
 
 class CategoryPrediction(models.Model):

@@ -25,8 +25,9 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
 
-from catalog.models import ProductImage
+from catalog.models import ProductImage, embedding_from_bytes, embedding_to_bytes
 from catalog.queue import enqueue
+from catalog.selectors import embedded_images
 from ml.images import ImageDecodeError, decode_image
 from ml.index import IndexFileError, VectorIndex, index_directory, read_manifest
 
@@ -128,7 +129,7 @@ def images_embed(*, image_ids: list[int]) -> dict:
 def _store_embeddings(batch, result, identity: str) -> None:
     for (image, _), vector, labels in zip(batch, result.vectors, result.labels):
         ProductImage.objects.filter(pk=image.pk).update(
-            embedding=np.ascontiguousarray(vector, dtype=np.float32).tobytes(),
+            embedding=embedding_to_bytes(vector),
             model_identity=identity,
             labels=[{"label": label, "score": round(float(score), 4)} for label, score in labels],
             error="",
@@ -199,14 +200,12 @@ def _writer_index(identity: str, dim: int | None) -> VectorIndex | None:
 
 def _vectors(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([pk for pk, _ in rows], dtype=np.int64)
-    vectors = np.stack([np.frombuffer(bytes(blob), dtype=np.float32) for _, blob in rows]) if rows else None
+    vectors = np.stack([embedding_from_bytes(blob) for _, blob in rows]) if rows else None
     return ids, vectors
 
 
 def _embedded_rows(identity: str, ids: list[int] | None = None) -> list[tuple[int, bytes]]:
-    rows = ProductImage.objects.filter(model_identity=identity, embedding__isnull=False).exclude(
-        status=Status.FAILED
-    )
+    rows = embedded_images(identity)
     if ids is not None:
         rows = rows.filter(id__in=ids)
     return list(rows.order_by("id").values_list("id", "embedding"))
@@ -229,7 +228,7 @@ def _publish(index: VectorIndex) -> None:
         ids = index.ids()
         rows = dict(_embedded_rows(index.identity, ids=[int(i) for i in ids]))
         kept = np.array([i for i in ids if int(i) in rows], dtype=np.int64)
-        vectors = np.stack([np.frombuffer(bytes(rows[int(i)]), dtype=np.float32) for i in kept])
+        vectors = np.stack([embedding_from_bytes(rows[int(i)]) for i in kept])
         index = build_index(kept, vectors, index.identity, exact_threshold=settings.INDEX_EXACT_THRESHOLD)
     index.save(directory)
     _writer_indexes[str(directory)] = index

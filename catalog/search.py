@@ -11,7 +11,7 @@ import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from catalog.models import Category, Product, ProductImage
+from catalog.models import Category, Product, ProductImage, embedding_from_bytes
 from catalog.pipeline import active_index, get_embedder
 from catalog.selectors import category_descendant_ids
 from ml.images import ImageDecodeError, decode_image
@@ -184,12 +184,13 @@ def search_catalog(
         embedded = model.embed([pil])
         vector, labels = embedded.vectors[0], list(embedded.labels[0])
     else:
-        vectors = [
-            image.vector() for image in ProductImage.objects.filter(product_id=product_id, status="indexed")
-            if image.vector() is not None
-        ]
         if not Product.objects.filter(pk=product_id).exists():
             raise ValidationError({"product": f"there is no product {product_id}"})
+        vectors = [
+            embedding_from_bytes(blob) for blob in ProductImage.objects.filter(
+                product_id=product_id, status=ProductImage.Status.INDEXED, embedding__isnull=False
+            ).values_list("embedding", flat=True)
+        ]
         if not vectors:
             raise ValidationError({"product": f"product {product_id} has no indexed image yet"})
         vector = np.mean(vectors, axis=0)

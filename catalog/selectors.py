@@ -37,5 +37,12 @@ def product_list(*, active_only: bool = False) -> QuerySet[Product]:
     return products.order_by("id")
 
 
+def embedded_images(identity: str) -> QuerySet[ProductImage]:
+    """Images with an embedding by the model `identity` that did not end failed: what its index holds."""
+    return ProductImage.objects.filter(model_identity=identity, embedding__isnull=False).exclude(
+        status=ProductImage.Status.FAILED
+    )
+
+
 def product_image_list() -> QuerySet[ProductImage]:
     return ProductImage.objects.select_related("product").order_by("id")

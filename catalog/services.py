@@ -92,7 +92,11 @@ def category_get_or_create_path(*, path: str) -> Category:
             raise ValidationError({"category": f"{part!r} is not a usable category name"})
         category = Category.objects.filter(slug=slug, parent=parent).first()
         if category is None:
-            category = category_create(name=part, parent=parent)
+            try:
+                with transaction.atomic():
+                    category = category_create(name=part, parent=parent)
+            except IntegrityError:  # a concurrent writer (another ingest worker) created this level just now
+                category = Category.objects.get(slug=slug, parent=parent)
         parent = category
     return parent
 

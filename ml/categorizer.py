@@ -254,16 +254,8 @@ def train_category_head(
         l2=l2,
     )
 
-    final = _fit(vectors, targets, len(categories), l2)
-    head = CategoryHead(
-        identity=identity,
-        categories=categories,
-        weights=final.weights,
-        bias=final.bias,
-        mean=final.mean,
-        scale=final.scale,
-        temperature=temperature,
-        unsure_threshold=unsure_threshold,
+    head = fit_category_head(
+        vectors, labels, identity=identity, l2=l2, temperature=temperature, unsure_threshold=unsure_threshold
     )
     return TrainResult(head=head, metrics=metrics)
 

@@ -7,6 +7,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from catalog.api.serializers import CategoryBrief
 from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product
 from catalog.remote import FetchError, fetch_url
@@ -39,16 +40,12 @@ class SearchInput(serializers.Serializer):
 
 
 class SearchProduct(serializers.ModelSerializer):
-    category = serializers.SerializerMethodField()
+    category = CategoryBrief(read_only=True)
     image_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Product
         fields = ["id", "sku", "title", "price", "currency", "category", "image_url"]
-
-    def get_category(self, product) -> dict | None:
-        c = product.category
-        return {"id": c.id, "name": c.name, "path": c.path} if c else None
 
     def get_image_url(self, product) -> str | None:
         image = self.context["images"].get(product.pk)
@@ -113,7 +110,7 @@ class SearchApi(APIView):
                 for hit in result.hits
             ],
             "predicted_categories": [
-                {"category": {"id": c.id, "name": c.name, "path": c.path}, "score": round(score, 4)}
+                {"category": CategoryBrief(c).data, "score": round(score, 4)}
                 for c, score in result.predicted_categories
             ],
             "labels": [{"label": label, "score": round(float(score), 4)} for label, score in result.labels],
