@@ -21,55 +21,18 @@ and after the ingest and averaged, so the load of a shared machine weighs on bot
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-def distinct_photos(n: int, size: int = 800, seed: int = 0):
-    """n different size x size JPEGs from real photos: a random crop, a flip, a colour shift each."""
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    sources = [Image.fromarray(getattr(data, name)()[..., :3]) for name in PHOTOS]
-    for i in range(n):
-        src = sources[i % len(sources)]
-        w, h = src.size
-        side = int(min(w, h) * rng.uniform(0.55, 1.0))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        img = src.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BILINEAR)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        shift = rng.uniform(0.8, 1.2, size=3)
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * shift, 0, 255).astype(np.uint8))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        yield buf.getvalue()
-
-
-def build_upload(n: int, size: int) -> tuple[bytes, bytes, list[bytes]]:
-    # Skus new to the catalog on every run: a rerun against a kept database must not find its images.
-    run = time.strftime("%Y%m%d%H%M%S")
-    zbuf, lines, images = io.BytesIO(), ["sku,title,image,category,price"], []
-    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as archive:  # JPEGs do not compress
-        for i, data in enumerate(distinct_photos(n, size)):
-            archive.writestr(f"images/{i:05d}.jpg", data)
-            category, price = f"benchmark/{PHOTOS[i % len(PHOTOS)]}", f"{i % 90 + 9}.99"
-            lines.append(f"BENCH-{run}-{i:05d},Benchmark photo {i},images/{i:05d}.jpg,{category},{price}")
-            images.append(data)
-    return ("\n".join(lines) + "\n").encode(), zbuf.getvalue(), images
+from benchmarks._common import build_upload  # noqa: E402
 
 
 def bare_embedding(model, images: list[bytes], batch_size: int) -> tuple[float, float]:

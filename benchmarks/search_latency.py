@@ -8,7 +8,6 @@ downloaded here), starts gunicorn on 127.0.0.1, and times multipart photo search
 from this process. Prints p50 and p95 in milliseconds.
 """
 import argparse
-import io
 import json
 import os
 import statistics
@@ -21,31 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def photo_variants(n: int, seed: int) -> list[bytes]:
-    """n distinct JPEGs cut from scikit-image's photos: crops, flips, colour shifts."""
-    import numpy as np
-    from PIL import Image, ImageOps
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    sources = [data.chelsea(), data.coffee(), data.rocket(), data.astronaut(), data.hubble_deep_field(),
-               data.immunohistochemistry(), data.colorwheel(), data.retina()]
-    out = []
-    for i in range(n):
-        img = Image.fromarray(sources[i % len(sources)][..., :3])
-        w, h = img.size
-        cw, ch = int(w * rng.uniform(0.5, 0.95)), int(h * rng.uniform(0.5, 0.95))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = img.crop((x, y, x + cw, y + ch))
-        if rng.random() < 0.5:
-            img = ImageOps.mirror(img)
-        shift = rng.integers(-25, 26, size=3)
-        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + shift, 0, 255).astype("uint8"))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=88)
-        out.append(buf.getvalue())
-    return out
+from benchmarks._common import gunicorn, photo_variants, seed_catalog  # noqa: E402
 
 
 def main() -> None:
@@ -74,35 +49,15 @@ def main() -> None:
     import logging
 
     logging.disable(logging.INFO)
-    from catalog import pipeline, services
-
     started = time.perf_counter()
-    categories = [services.category_get_or_create_path(path=f"dept-{i}/shelf-{j}") for i in range(4) for j in range(5)]
-    ids = []
-    for i, data in enumerate(photo_variants(args.products, seed=1)):
-        product = services.product_create(sku=f"P-{i:05d}", title=f"Product {i}", price=5 + i % 95,
-                                          category=categories[i % len(categories)])
-        ids.append(services.product_image_add(product=product, data=data, queue=False)[0].pk)
-    for start in range(0, len(ids), 64):
-        pipeline.images_embed(image_ids=ids[start:start + 64])  # eager: indexes too
+    seed_catalog(args.products)
     print(f"catalog: {args.products} products embedded and indexed in {time.perf_counter() - started:.0f} s "
           f"({args.backbone}, {args.weights} weights)", flush=True)
 
-    server = subprocess.Popen(
-        [str(REPO / ".venv/bin/gunicorn"), "visualsearch.wsgi:application", "--bind", f"127.0.0.1:{args.port}",
-         "--workers", "1", "--threads", "2", "--timeout", "120", "--log-level", "warning"],
-        cwd=REPO, env=env,
-    )
     import requests
 
-    url = f"http://127.0.0.1:{args.port}/api/search/"
-    try:
-        for _ in range(100):
-            try:
-                requests.get(f"http://127.0.0.1:{args.port}/api/categories/", timeout=5)
-                break
-            except requests.RequestException:
-                time.sleep(0.2)
+    with gunicorn(env, args.port, workers=1, threads=2) as base:
+        url = f"{base}/api/search/"
         queries = photo_variants(args.queries + 5, seed=2)
         session = requests.Session()
         for data in queries[:5]:  # warm-up: model load, first index read
@@ -116,9 +71,6 @@ def main() -> None:
             body = response.json()
             assert len(body["results"]) == 10
             server_ms.append(body["took_ms"])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     latencies.sort()
     p50 = statistics.median(latencies)
     p95 = latencies[int(0.95 * (len(latencies) - 1))]

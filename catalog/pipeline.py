@@ -265,8 +265,15 @@ def index_apply(*, add_ids: list[int], remove_ids: list[int]) -> dict:
                 index = touched.get(identity) or _writer_index(identity, None)
                 if index is not None and index.remove(np.array(remove, dtype=np.int64)):
                     touched[identity] = index
-        for index in touched.values():
-            _publish(index)
+        try:
+            for index in touched.values():
+                _publish(index)
+        except BaseException:
+            # The writer's copies now hold changes no published file holds (a full disk, say): the retry
+            # must start again from the published versions, or it would find nothing left to do.
+            for identity in touched:
+                _writer_indexes.pop(str(index_directory(settings.INDEX_DIR, identity)), None)
+            raise
         for identity, group in by_identity.items():
             ProductImage.objects.filter(id__in=[pk for pk, _ in group], model_identity=identity).exclude(
                 status=Status.FAILED

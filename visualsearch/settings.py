@@ -117,8 +117,10 @@ TEMPLATES = [
     },
 ]
 
+# Connections live a minute; each is checked before its first use in a request or task, so a database
+# restart costs no failed request once the server is back.
 DATABASES = {
-    "default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)
+    "default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
     if DATABASE_URL
     else {"ENGINE": "django.db.backends.sqlite3", "NAME": DATA_DIR / "db.sqlite3"}
 }

@@ -5,7 +5,7 @@ if its worker dies, and retried with backoff on transient errors. Routing lives 
 """
 from celery import Task, shared_task
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, InterfaceError, OperationalError
 
 from catalog import categorizer, ingest, pipeline
 
@@ -20,8 +20,16 @@ RELIABLE = {
 }
 
 
+def _database_unreachable(exc: BaseException) -> bool:
+    """The retries ran out during a database outage: the work is not at fault, and beat's sweeps queue it
+    again once the database is back (in-process, no beat runs: the work ends failed with the reason)."""
+    return isinstance(exc, (OperationalError, InterfaceError)) and not settings.CELERY_TASK_ALWAYS_EAGER
+
+
 class EmbedTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        if _database_unreachable(exc):
+            return  # the images stay pending or processing: requeue_stale_images queues them again
         # Retries are spent: the images end failed with the reason instead of waiting forever.
         image_ids = kwargs.get("image_ids") or (args[0] if args else [])
         pipeline.images_mark_failed(image_ids=image_ids, reason=f"embedding failed: {exc}")
@@ -53,6 +61,8 @@ class IngestStartTask(Task):
 
 class IngestRowsTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        if _database_unreachable(exc):
+            return  # the rows stay pending: refresh_ingest_jobs queues a stalled job's pending rows again
         # Retries are spent: the chunk's rows not done end failed with the reason; the job goes on.
         ingest.ingest_rows_mark_failed(
             job_id=kwargs["job_id"], first=kwargs["first"], last=kwargs["last"], reason=f"ingest failed: {exc}"

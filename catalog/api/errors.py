@@ -1,9 +1,16 @@
 """Every API error is JSON: {"error": one readable sentence, "fields": {...} for invalid input}."""
+import logging
+
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import JsonResponse
 from rest_framework import exceptions
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
+
+logger = logging.getLogger(__name__)
+
+DATABASE_UNAVAILABLE = "the database is unavailable right now; try again in a minute"
 
 
 def _flatten(data, prefix: str = "") -> list[str]:
@@ -30,6 +37,10 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(detail=as_serializer_error(exc))
     if isinstance(exc, QueueUnavailable):
         exc = ServiceUnavailable(detail=str(exc))
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # The connection failed (the server restarts, the network dropped); a later request reconnects.
+        logger.warning("database unavailable: %s", str(exc).strip())
+        exc = ServiceUnavailable(detail=DATABASE_UNAVAILABLE)
     response = drf_exception_handler(exc, context)
     if isinstance(exc, ServiceUnavailable) and response is not None:
         response["Retry-After"] = "30"

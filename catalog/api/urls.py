@@ -4,6 +4,7 @@ from rest_framework.authtoken.views import obtain_auth_token
 
 from catalog.api import views
 from catalog.api.categorizer import CategorizerApi, CategorizerApplyApi, CategorizerTrainApi
+from catalog.api.health import HealthApi
 from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi
 from catalog.api.search import SearchApi
 
@@ -21,6 +22,7 @@ urlpatterns = [
     path("categorizer/", CategorizerApi.as_view(), name="categorizer"),
     path("categorizer/train/", CategorizerTrainApi.as_view(), name="categorizer-train"),
     path("categorizer/apply/", CategorizerApplyApi.as_view(), name="categorizer-apply"),
+    path("health/", HealthApi.as_view(), name="health"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
 ]

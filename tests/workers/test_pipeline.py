@@ -1,14 +1,20 @@
 """The pipeline on the embedded default: tasks run in-process, the index lives in a temp directory.
 
 The model is the offline EfficientNet-Lite0 with its real ImageNet weights (fast on 2 cores)."""
+import errno
+import os
+
 import numpy as np
 import pytest
 from django.core.files.storage import default_storage
 from django.core.management import call_command
+from django.db import OperationalError
 
+import ml.index
 from catalog import pipeline, search, services
 from catalog.models import ProductImage
 from ml.index import VectorIndex, index_directory
+from workers.tasks import embed_images
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -84,6 +90,34 @@ def test_deleting_a_product_or_an_image_removes_its_vectors(photo, staff):
     services.product_delete(product=product)
     assert published_ids() == {coffee.pk}
     assert [hit.product.sku for hit in search.similar_products(cat.vector(), k=5)] == ["COFFEE"]
+
+
+def test_a_publish_refused_by_a_full_disk_keeps_the_last_version_and_its_retry_publishes(photo, monkeypatch):
+    _, cat = add_product("CAT", photo("chelsea"))
+    _, coffee = add_product("COFFEE", photo("coffee"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ml.index, "atomic_write", disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            pipeline.index_apply(add_ids=[], remove_ids=[cat.pk])  # the image was deleted
+    assert published_ids() == {cat.pk, coffee.pk}  # the published version still serves, whole
+    pipeline.index_apply(add_ids=[], remove_ids=[cat.pk])  # the task's retry, once there is space again
+    assert published_ids() == {coffee.pk}
+
+
+def test_retries_spent_in_a_database_outage_leave_the_images_to_the_sweep(photo, settings):
+    _, cat = add_product("CAT", photo("chelsea"))
+    ProductImage.objects.filter(pk=cat.pk).update(status="processing")
+    settings.CELERY_TASK_ALWAYS_EAGER = False  # as on a worker, where beat runs the sweep
+    embed_images.on_failure(OperationalError("connection refused"), "task-id", (), {"image_ids": [cat.pk]}, None)
+    cat.refresh_from_db()
+    assert (cat.status, cat.error) == ("processing", "")
+    embed_images.on_failure(RuntimeError("the model crashed"), "task-id", (), {"image_ids": [cat.pk]}, None)
+    cat.refresh_from_db()
+    assert cat.status == "failed" and "the model crashed" in cat.error
 
 
 def test_a_new_version_is_searchable_without_a_restart(photo):

@@ -1,0 +1,30 @@
+"""Whether the service's dependencies answer now: what GET /api/health/ reports to a load balancer."""
+import logging
+
+from django.db import DatabaseError, connection
+
+from catalog.queue import QueueUnavailable, queue_check
+
+logger = logging.getLogger(__name__)
+
+OK = "ok"
+UNAVAILABLE = "unavailable"
+
+
+def dependencies_check() -> dict[str, str]:
+    """{"database": "ok" or "unavailable", "queue": the same}; the reasons go to the log, not to clients."""
+    checks = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = OK
+    except DatabaseError as exc:
+        logger.warning("health: the database is unavailable: %s", str(exc).strip())
+        checks["database"] = UNAVAILABLE
+    try:
+        queue_check()
+        checks["queue"] = OK
+    except QueueUnavailable as exc:
+        logger.warning("health: %s", exc)
+        checks["queue"] = UNAVAILABLE
+    return checks
