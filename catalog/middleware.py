@@ -9,6 +9,12 @@ class RequestBodyLimitMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
+        if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+            # Django reads only Content-Length bytes: a chunked body would arrive empty, so say so instead.
+            return JsonResponse(
+                {"error": "send the request body with a Content-Length header; chunked bodies are not accepted"},
+                status=411,
+            )
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:

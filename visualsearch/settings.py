@@ -202,12 +202,15 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["catalog.api.permissions.IsStaffOrReadOnly"],
     "DEFAULT_PAGINATION_CLASS": "catalog.api.pagination.PageNumberPagination",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "catalog.api.schema.AutoSchema",
     "EXCEPTION_HANDLER": "catalog.api.errors.exception_handler",
     "DEFAULT_THROTTLE_RATES": {
         "uploads": env_str("VISUALSEARCH_UPLOAD_RATE", "120/min"),
         "search": env_str("VISUALSEARCH_SEARCH_RATE", "600/min"),
     },
+    # Clients are told apart by address: X-Forwarded-For is believed only from this many proxies in front of
+    # the app (0: never, so a client cannot pose as a new one with each request).
+    "NUM_PROXIES": env_int("VISUALSEARCH_NUM_PROXIES", 0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "visualsearch API",

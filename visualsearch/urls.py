@@ -2,9 +2,9 @@ from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.defaults import page_not_found, server_error
-from django.views.static import serve
 
 from catalog.api.errors import json_not_found, json_server_error
+from catalog.views import media_file
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -13,7 +13,7 @@ urlpatterns = [
 ]
 if settings.SERVE_MEDIA:
     urlpatterns += [
-        re_path(r"^media/(?P<path>.*)$", lambda request, path: serve(request, path, settings.MEDIA_ROOT)),
+        re_path(r"^media/(?P<path>.*)$", media_file, name="media"),
     ]
 
 

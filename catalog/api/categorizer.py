@@ -1,15 +1,13 @@
 """The category head: train it (staff), read how good it is, apply its suggestions (staff)."""
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from catalog.api.permissions import IsStaff
+from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.categorizer import categorizer_status, categorizer_train_start, suggestions_apply
 from catalog.models import CategorizerVersion
-
-ERROR = OpenApiResponse(description='{"error": "...", "fields": {...}}')
-
 
 class CategoryMetrics(serializers.Serializer):
     precision = serializers.FloatField(allow_null=True, help_text="null: never predicted")
@@ -48,8 +46,17 @@ class CategorizerTrainAccepted(serializers.ModelSerializer):
         fields = ["id", "status", "error"]
 
 
+class NumberField(serializers.FloatField):
+    """A float that refuses JSON true and false (Python's float() would take them as 1 and 0)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class ApplyInput(serializers.Serializer):
-    threshold = serializers.FloatField(min_value=0.0, max_value=1.0, help_text="e.g. 0.8")
+    threshold = NumberField(min_value=0.0, max_value=1.0, help_text="e.g. 0.8")
 
 
 class ApplyOutput(serializers.Serializer):
@@ -72,7 +79,7 @@ class CategorizerTrainApi(APIView):
 
     @extend_schema(
         request=None,
-        responses={202: CategorizerTrainAccepted, 400: ERROR, 503: ERROR},
+        responses={202: CategorizerTrainAccepted, 400: ERROR, 503: UNAVAILABLE},
         description="Queue a training from the categorized products' indexed images; follow it with GET "
                     "/api/categorizer/. Too few categorized products is a 400 saying how many there are. While a "
                     "training runs, it is the one answered.",

@@ -1,15 +1,42 @@
 import django_filters
+from django import forms
 from django.db.models import Q
 
 from catalog.models import Product
 from catalog.selectors import category_descendant_ids
 
 
+class StrictBooleanField(forms.NullBooleanField):
+    """true or false; anything else is an error, never silently ignored."""
+
+    widget = forms.TextInput  # the default widget turns any unknown value into "not given"
+
+    def to_python(self, value):
+        if value in (None, ""):
+            return None
+        if str(value).lower() in ("true", "1"):
+            return True
+        if str(value).lower() in ("false", "0"):
+            return False
+        raise forms.ValidationError("must be true or false, not %(value)s", params={"value": repr(str(value)[:50])})
+
+    def validate(self, value):
+        pass
+
+
+class StrictBooleanFilter(django_filters.BooleanFilter):
+    field_class = StrictBooleanField
+
+
+class IdFilter(django_filters.NumberFilter):
+    field_class = forms.IntegerField  # an id: 0.5 is an error, not 0
+
+
 class ProductFilter(django_filters.FilterSet):
-    category = django_filters.NumberFilter(
+    category = IdFilter(
         method="filter_category", label="Category id; its subcategories are included."
     )
-    uncategorized = django_filters.BooleanFilter(
+    uncategorized = StrictBooleanFilter(
         method="filter_uncategorized", label="true: only products with no category."
     )
     q = django_filters.CharFilter(method="filter_q", label="Text matched against sku and title.")

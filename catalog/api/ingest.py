@@ -1,17 +1,15 @@
 """Bulk ingest jobs: POST a manifest (and a ZIP of images), then follow the job until it finishes."""
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from catalog.api.permissions import IsStaff
+from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.ingest import COLUMNS, ingest_job_create, ingest_job_current, ingest_job_errors
 from catalog.models import IngestJob
-
-ERROR = OpenApiResponse(description='{"error": "...", "fields": {...}}')
-
 
 class IngestJobInput(serializers.Serializer):
     manifest = serializers.FileField(
@@ -56,7 +54,7 @@ class IngestJobCreateApi(APIView):
 
     @extend_schema(
         request={"multipart/form-data": IngestJobInput},
-        responses={202: IngestJobAccepted, 400: ERROR, 503: ERROR},
+        responses={202: IngestJobAccepted, 400: ERROR, 503: UNAVAILABLE},
         description="Queue a bulk import. A manifest without the required columns, one that is not UTF-8, or an "
                     "unsafe archive is a 400 and nothing is stored; a bad row only marks that row.",
     )

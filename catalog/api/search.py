@@ -1,12 +1,13 @@
 """POST /api/search/: similar products for a photo, an image URL, or a catalog product."""
 from django.conf import settings
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from catalog.api.schema import ERROR
 from catalog.api.serializers import CategoryBrief
 from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product
@@ -37,6 +38,10 @@ class SearchInput(serializers.Serializer):
         if low is not None and high is not None and low > high:
             raise serializers.ValidationError({"min_price": "min_price is above max_price"})
         return data
+
+
+class SearchJsonInput(SearchInput):
+    image = None  # a file can only be sent as multipart
 
 
 class SearchProduct(serializers.ModelSerializer):
@@ -72,8 +77,8 @@ class SearchApi(APIView):
     throttle_scope = "search"
 
     @extend_schema(
-        request={"multipart/form-data": SearchInput, "application/json": SearchInput},
-        responses={200: SearchOutput, 400: OpenApiResponse(description='{"error": "..."}')},
+        request={"multipart/form-data": SearchInput, "application/json": SearchJsonInput},
+        responses={200: SearchOutput, 400: ERROR},
         description="The most similar catalog products, one per product, best first. The query image is not stored.",
     )
     def post(self, request):

@@ -100,4 +100,17 @@ class ProductInput(serializers.Serializer):
     def validate_attributes(self, value):
         if not isinstance(value, dict):
             raise serializers.ValidationError("attributes must be a JSON object")
+        if _holds_nul(value):
+            raise serializers.ValidationError("attributes must not hold NUL characters (\\u0000)")
         return value
+
+
+def _holds_nul(value) -> bool:
+    """PostgreSQL cannot store the NUL character in text or JSON."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False

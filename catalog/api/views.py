@@ -1,6 +1,6 @@
 """Catalog API: thin views. Each validates input, calls a service or selector, and serializes the result."""
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 
 from catalog import selectors, services
 from catalog.api.filters import ProductFilter
+from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.api.serializers import (
     CategoryInput,
     CategoryOutput,
@@ -18,9 +19,6 @@ from catalog.api.serializers import (
 )
 from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product, ProductImage
-
-ERROR = OpenApiResponse(description='{"error": "...", "fields": {...}}')
-
 
 class CategoryListCreateApi(APIView):
     @extend_schema(responses=CategoryOutput(many=True))
@@ -112,7 +110,7 @@ class ProductImageUploadApi(APIView):
 
     @extend_schema(
         request={"multipart/form-data": ImageUploadInput},
-        responses={201: ImageOutput, 200: ImageOutput, 400: ERROR},
+        responses={201: ImageOutput, 200: ImageOutput, 400: ERROR, 503: UNAVAILABLE},
         description="Upload an image for a product. The same bytes uploaded twice return the existing image (200).",
     )
     def post(self, request, pk: int):

@@ -96,7 +96,8 @@ def test_product_crud_and_validation(staff, anon):
     assert dup.status_code == 400 and "already exists" in dup.json()["error"]
     for bad in ({"sku": "B", "title": "b", "price": "abc"}, {"sku": "B", "title": "b", "price": "-1"},
                 {"sku": "B", "title": "b", "category": 999999}, {"title": "no sku"},
-                {"sku": "B", "title": "b", "attributes": [1, 2]}, {"sku": "B", "title": "b", "currency": "dollars"}):
+                {"sku": "B", "title": "b", "attributes": [1, 2]}, {"sku": "B", "title": "b", "currency": "dollars"},
+                {"sku": "B", "title": "b", "attributes": {"note": ["a\x00b"]}}):
         response = staff.post("/api/products/", bad, format="json")
         assert response.status_code == 400, bad
         assert response.json()["error"] and response.json()["fields"]

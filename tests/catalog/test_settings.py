@@ -4,7 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+PRODUCTION = {
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test",
+    "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
+    "SECRET_KEY": "a-long-random-production-secret-key-0123456789-abcdefghijklmnop",
+    "ALLOWED_HOSTS": "search.example.com",
+}
 
 
 def manage(*args: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -30,12 +38,31 @@ def test_production_refuses_to_start_without_secret_key(tmp_path):
 
 
 def test_production_passes_check_deploy(tmp_path):
-    env = {
-        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test",
-        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
-        "SECRET_KEY": "a-long-random-production-secret-key-0123456789-abcdefghijklmnop",
-        "ALLOWED_HOSTS": "search.example.com",
-    }
-    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env, tmp_path=tmp_path)
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION, tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "warning"),
+    [
+        ({"VISUALSEARCH_HSTS_SECONDS": "0"}, "security.W004"),
+        # Without Redis each web process would count its own throttling: every one allows the whole rate.
+        ({"CELERY_BROKER_URL": "", "REDIS_URL": ""}, "catalog.W001"),
+    ],
+)
+def test_check_deploy_fails_on_a_warning(tmp_path, change, warning):
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env={**PRODUCTION, **change}, tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert warning in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "location"),
+    [({}, "redis://127.0.0.1:6379/15"), ({"REDIS_URL": "redis://cache:6379/2"}, "redis://cache:6379/2")],
+)
+def test_production_counts_throttling_in_redis(tmp_path, change, location):
+    code = "from django.conf import settings as s; c = s.CACHES['default']; print(c['BACKEND'], c['LOCATION'])"
+    result = manage("shell", "-c", code, env={**PRODUCTION, **change}, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["django.core.cache.backends.redis.RedisCache", location]
