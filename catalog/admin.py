@@ -81,7 +81,9 @@ class ProductImageAdmin(admin.ModelAdmin):
     list_display = ["preview", "id", "product", "status", "model_identity", "created_at"]
     list_filter = ["status", "product__category", "model_identity"]
     search_fields = ["product__sku", "product__title", "sha256"]
-    readonly_fields = ["preview", "sha256", "width", "height", "model_identity", "labels", "error"]
+    # The file is read-only: a replacement here would skip the upload's checks and leave sha256 and the
+    # vector describing the old bytes; upload a new image through the API instead.
+    readonly_fields = ["preview", "file", "sha256", "width", "height", "model_identity", "labels", "error"]
     raw_id_fields = ["product"]
 
     def has_add_permission(self, request) -> bool:
@@ -189,7 +191,7 @@ class IngestJobAdmin(admin.ModelAdmin):
                     "created_at", "finished_at"]
     list_filter = ["status"]
     fields = ["status", "progress", "total", "processed", "succeeded", "failed", "images_per_s", "manifest",
-              "archive", "created_by", "created_at", "started_at", "finished_at", "error_list"]
+              "archive", "created_by", "created_at", "started_at", "finished_at", "report", "error_list"]
     readonly_fields = fields
 
     def has_add_permission(self, request) -> bool:
@@ -212,6 +214,10 @@ class IngestJobAdmin(admin.ModelAdmin):
             "</div>{}%",
             job.processed, job.total, percent, colour, percent,
         )
+
+    @admin.display(description="row report")
+    def report(self, job: IngestJob) -> str:
+        return format_html('<a href="{}">every row, with its error (CSV)</a>', reverse("ingest-job-report", args=[job.pk]))
 
     @admin.display(description="errors")
     def error_list(self, job: IngestJob) -> str:

@@ -10,6 +10,7 @@ it is indexed or failed).
 Every row's state is in the database, so a chunk delivered again after its worker died skips the rows
 already done, and the same manifest ingested twice finds its products by sku and its images by hash.
 """
+import codecs
 import csv
 import io
 import json
@@ -21,6 +22,7 @@ import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
@@ -53,6 +55,13 @@ MAX_ERRORS_SHOWN = 1000
 # A batch of rows holds at most this many image bytes in memory before it is stored.
 BATCH_BYTES = 64 * 1024 * 1024
 URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# What people upload as a manifest by mistake, by the file's first bytes.
+NOT_TEXT = (
+    (b"PK\x03\x04", "a ZIP file (an Excel .xlsx workbook is one; a ZIP of images goes in `archive`)"),
+    (b"\xd0\xcf\x11\xe0", "an Excel 97-2003 workbook (.xls)"),
+    (codecs.BOM_UTF16_LE, "UTF-16 text (Excel's \"Unicode Text\")"),
+    (codecs.BOM_UTF16_BE, "UTF-16 text"),
+)
 
 JobStatus = IngestJob.Status
 RowStatus = IngestRow.Status
@@ -99,14 +108,25 @@ def manifest_parse(*, data: bytes, format: str) -> Manifest:
 
 
 def _decode(data: bytes) -> str:
+    save_as = 'save it as UTF-8 (in Excel: "CSV UTF-8") and upload it again'
+    for signature, what in NOT_TEXT:
+        if data.startswith(signature):
+            raise ValidationError({"manifest": f"the manifest is {what}, not CSV or JSON Lines text; {save_as}"})
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ValidationError({
             "manifest": f"the manifest is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} is not valid "
-                        "UTF-8; save it as UTF-8 (in Excel: \"CSV UTF-8\") and upload it again"
+                        f"UTF-8; {save_as}"
         }) from None
+    if "\x00" in text:  # UTF-16 without a byte-order mark, or a binary file; no database stores it as text
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise ValidationError({
+            "manifest": f"the manifest is not UTF-8 text: line {line} holds a NUL character (UTF-16 text or a "
+                        f"binary file has them); {save_as}"
+        })
+    return text
 
 
 def _check_columns(names: list[str], what: str) -> None:
@@ -147,6 +167,8 @@ def _json_value(value) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("holds a NUL character")
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -162,8 +184,10 @@ def _parse_jsonl(text: str) -> list[ManifestRow]:
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as exc:
-            if isinstance(exc, json.JSONDecodeError):
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, RecursionError):
+                reason = "JSON nested too deeply to read"
+            elif isinstance(exc, json.JSONDecodeError):
                 reason = f"not valid JSON ({exc.msg}, column {exc.colno})"
             else:
                 reason = str(exc)
@@ -715,3 +739,49 @@ def ingest_job_errors(*, job: IngestJob, limit: int = MAX_ERRORS_SHOWN) -> list[
     """The job's own errors, then its failed rows by row number: [{"row", "sku", "error"}]."""
     rows = job.rows.filter(status=RowStatus.FAILED).order_by("number").values_list("number", "sku", "error")[:limit]
     return list(job.errors) + [{"row": number, "sku": sku, "error": error} for number, sku, error in rows]
+
+
+# ----- the row report ----------------------------------------------------------------------------
+
+REPORT_COLUMNS = ("line", "status", "error", *COLUMNS)
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value: str) -> str:
+    """`value` as a spreadsheet shows it as text: a leading quote before anything that would start a formula."""
+    return f"'{value}" if value.startswith(FORMULA_PREFIXES) else value
+
+
+class _Echo:
+    def write(self, value: str) -> str:
+        return value
+
+
+def _row_outcome(row: IngestRow) -> tuple[str, str]:
+    if row.status == RowStatus.FAILED:
+        return "failed", row.error
+    if row.status == RowStatus.DONE:
+        if row.image is not None and row.image.status == ImageStatus.FAILED:
+            return "failed", f"image: {row.image.error or 'the image could not be embedded'}"
+        if row.image is None or row.image.status == ImageStatus.INDEXED:
+            return "succeeded", ""
+    return "pending", ""
+
+
+def ingest_job_report(*, job: IngestJob) -> Iterator[str]:
+    """The job's rows as CSV text, a line at a time: each row's line in the manifest, its outcome and error,
+    then the manifest's own columns, so a catalog team can fix the failed rows in a spreadsheet and upload
+    them again (the manifest ignores the extra columns). UTF-8 with a byte-order mark, as Excel expects.
+
+    Every value came from someone's upload, so every cell that would start a formula starts with a quote.
+    """
+    writer = csv.writer(_Echo())
+    yield "\ufeff" + writer.writerow(REPORT_COLUMNS)
+    for error in job.errors:
+        yield writer.writerow(["", "failed", spreadsheet_cell(error.get("error") or ""),
+                               *("" for _ in COLUMNS)])
+    for row in job.rows.select_related("image").order_by("number").iterator(chunk_size=2000):
+        status, error = _row_outcome(row)
+        values = [str(row.data.get(name, "")) for name in COLUMNS]
+        yield writer.writerow([row.number, status, *(spreadsheet_cell(value) for value in [error, *values])])

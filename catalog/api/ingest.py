@@ -1,5 +1,7 @@
 """Bulk ingest jobs: POST a manifest (and a ZIP of images), then follow the job until it finishes."""
+from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.parsers import MultiPartParser
@@ -8,7 +10,7 @@ from rest_framework.views import APIView
 
 from catalog.api.permissions import IsStaff
 from catalog.api.schema import ERROR, UNAVAILABLE
-from catalog.ingest import COLUMNS, ingest_job_create, ingest_job_current, ingest_job_errors
+from catalog.ingest import COLUMNS, ingest_job_create, ingest_job_current, ingest_job_errors, ingest_job_report
 from catalog.models import IngestJob
 
 class IngestJobInput(serializers.Serializer):
@@ -81,3 +83,23 @@ class IngestJobDetailApi(APIView):
     def get(self, request, pk: int):
         job = ingest_job_current(job=get_object_or_404(IngestJob, pk=pk))
         return Response(IngestJobOutput(job).data)
+
+
+class IngestJobReportApi(APIView):
+    permission_classes = [IsStaff]
+
+    def perform_content_negotiation(self, request, force=False):
+        # The report is CSV whatever the Accept header asks for; errors stay JSON.
+        return super().perform_content_negotiation(request, force=True)
+
+    @extend_schema(
+        responses={(200, "text/csv"): OpenApiTypes.STR},
+        description="Every row of the job as CSV (UTF-8 with a byte-order mark): line, status (succeeded, failed, "
+                    "pending), error, then the manifest's columns, to fix the failed rows and upload them again. "
+                    "Cells that a spreadsheet would run as a formula start with a quote.",
+    )
+    def get(self, request, pk: int):
+        job = ingest_job_current(job=get_object_or_404(IngestJob, pk=pk))
+        response = StreamingHttpResponse(ingest_job_report(job=job), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="ingest-job-{job.pk}.csv"'
+        return response

@@ -5,7 +5,7 @@ from rest_framework.authtoken.views import obtain_auth_token
 from catalog.api import views
 from catalog.api.categorizer import CategorizerApi, CategorizerApplyApi, CategorizerTrainApi
 from catalog.api.health import HealthApi
-from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi
+from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi, IngestJobReportApi
 from catalog.api.search import SearchApi
 
 urlpatterns = [
@@ -19,6 +19,7 @@ urlpatterns = [
     path("search/", SearchApi.as_view(), name="search"),
     path("ingest-jobs/", IngestJobCreateApi.as_view(), name="ingest-job-list"),
     path("ingest-jobs/<int:pk>/", IngestJobDetailApi.as_view(), name="ingest-job-detail"),
+    path("ingest-jobs/<int:pk>/report.csv", IngestJobReportApi.as_view(), name="ingest-job-report"),
     path("categorizer/", CategorizerApi.as_view(), name="categorizer"),
     path("categorizer/train/", CategorizerTrainApi.as_view(), name="categorizer-train"),
     path("categorizer/apply/", CategorizerApplyApi.as_view(), name="categorizer-apply"),
