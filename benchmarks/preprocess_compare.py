@@ -1,4 +1,4 @@
-"""Which preprocessing and precision keep same-category neighbours together (docs/preprocessing.md).
+"""Which preprocessing keeps same-category neighbours together (docs/preprocessing.md).
 
 Real categorised images: the PNG stamps of Debian's tuxpaint-stamps-default, category = first folder.
 
@@ -9,7 +9,8 @@ Sections (``--sections``, default all):
   preprocess    precision@10 of same-category neighbours, centre crop vs pad (EfficientNet-Lite0, ImageNet weights)
   fill          padding with white vs with the normalisation mean colour
   architecture  the packaged EfficientNet-Lite0 weights in timm's two Lite0 variants, with both normalisations
-  precision     top-10 neighbour overlap of bf16 (CPU) or fp16 (--device cuda) vs fp32 embeddings
+Precision (bf16, int8, fp16 against fp32) is measured by benchmarks/embed_throughput.py and
+benchmarks/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -58,10 +59,6 @@ def precision_at_10(vectors: np.ndarray, categories: np.ndarray) -> float:
 def chance_precision(categories: np.ndarray) -> float:
     n = len(categories)
     return sum(count * (count - 1) for count in Counter(categories).values()) / (n * (n - 1))
-
-
-def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(neighbours(a, k), neighbours(b, k))]))
 
 
 def embed_files(embedder: Embedder, files: list[Path]) -> np.ndarray:
@@ -148,31 +145,10 @@ def compare_architectures(files: list[Path], categories: np.ndarray) -> None:
         print(f"| {model_name} | {mean[0]} / {std[0]} | {p10:.4f} | {torch.cat(confidence).mean():.3f} |", flush=True)
 
 
-def compare_precision(files: list[Path], sample: int, device: str) -> None:
-    """bf16 autocast on CPU, fp16 autocast on CUDA, each against fp32 on the same device."""
-    files = files[:: max(1, len(files) // sample)][:sample]
-    reduced = "fp16" if device.startswith("cuda") else "bf16"
-    print(f"\n## precision: top-10 neighbour overlap of {reduced} autocast vs fp32 on {device}, {len(files)} stamps")
-    print(f"| backbone | weights | overlap@10 | min cosine | fp32 images/s | {reduced} images/s |")
-    print("|---|---|---|---|---|---|")
-    models = (("efficientnet_lite0", "imagenet"), ("efficientnet_lite0", "random"), ("resnet50", "random"))
-    for backbone, weights in models:
-        vectors, speed = {}, {}
-        for precision in ("fp32", reduced):
-            embedder = load_embedder(backbone, weights, device=device, precision=precision)
-            result = embed_sources(embedder, files, read=Path.read_bytes)
-            vectors[precision], speed[precision] = result.vectors, result.images_per_s
-        cosine = np.sum(vectors["fp32"] * vectors[reduced], axis=1).min()
-        print(f"| {backbone} | {weights} | {neighbour_overlap(vectors['fp32'], vectors[reduced]):.4f} | {cosine:.5f} "
-              f"| {speed['fp32']:.1f} | {speed[reduced]:.1f} |", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stamps", type=Path, default=STAMPS)
-    parser.add_argument("--sections", default="preprocess,fill,architecture,precision")
-    parser.add_argument("--precision-sample", type=int, default=200, help="images for the precision section")
-    parser.add_argument("--device", default="cpu", help="for the precision section: cpu (bf16) or cuda (fp16)")
+    parser.add_argument("--sections", default="preprocess,fill,architecture")
     args = parser.parse_args()
     files, categories = stamp_files(args.stamps)
     sections = set(args.sections.split(","))
@@ -184,8 +160,6 @@ def main() -> None:
         compare_pad_fill(files, categories)
     if "architecture" in sections:
         compare_architectures(files, categories)
-    if "precision" in sections:
-        compare_precision(files, args.precision_sample, args.device)
 
 
 if __name__ == "__main__":

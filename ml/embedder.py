@@ -30,6 +30,7 @@ import timm
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -43,8 +44,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREPROCESS_MODES = ("auto", "center_crop", "pad")
 # Padding finds same-category neighbours better on product-like images: docs/preprocessing.md.
 DEFAULT_PREPROCESS = "pad"
-# Images per forward pass. On CPU small batches stay in cache: ResNet-50 on 2 AVX-512 cores runs
-# 28 images/s at 8, 22 at 32. A GPU wants large batches.
+# Images per forward pass. On CPU small batches stay in cache: ResNet-50 on 2 AVX-512 cores, decoding
+# included, runs 46 images/s at 8, 41 at 16, 35 at 32. A GPU wants large batches.
 CPU_BATCH_SIZE = 8
 CUDA_BATCH_SIZE = 64
 TOP_K = 5
@@ -177,7 +178,7 @@ class Embedder:
         # (x / 255 - mean) / std as one subtraction and one division of the uint8 batch.
         self._pixel_mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
         self._pixel_std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255
-        self._model = model.eval().to(device=device, memory_format=torch.channels_last)
+        self._model = fold_batch_norms(model.eval()).to(device=device, memory_format=torch.channels_last)
 
     def __repr__(self) -> str:
         return (
@@ -209,6 +210,8 @@ class Embedder:
             )
         if batch.shape[0] == 0:
             return EmbedResult(np.zeros((0, self.dim), np.float32), [], self.identity)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # page-locked, so the copy to the GPU runs asynchronously
         with torch.inference_mode():
             pixels = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             pixels = (pixels.float() - self._pixel_mean) / self._pixel_std
@@ -336,6 +339,30 @@ def _split_classifier(model: nn.Module) -> tuple[_ClassifierEmbedder, int]:
     return _ClassifierEmbedder(model, classifier), classifier.in_features
 
 
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode batch norm into the convolution before it, in place; returns ``model``.
+
+    The same function with one layer less per convolution: faster, and under bf16 the shift is
+    added inside the convolution's fp32 accumulator instead of after rounding (a cancellation
+    that moved some EfficientNet vectors by a cosine of 0.03). A timm ``BatchNormAct2d`` leaves
+    its activation behind. Children are visited in definition order, which is their forward order
+    in torchvision's ResNet and timm's EfficientNet.
+    """
+    for parent in list(model.modules()):
+        previous_name, previous = None, None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Identity):  # timm's placeholders (anti-aliasing, SE off) sit between
+                continue
+            if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d) and not child.training:
+                setattr(parent, previous_name, fuse_conv_bn_eval(previous, child))
+                rest = [getattr(child, part) for part in ("drop", "act") if hasattr(child, part)]
+                setattr(parent, name, nn.Sequential(*(m for m in rest if not isinstance(m, nn.Identity))))
+                previous_name, previous = None, None
+                continue
+            previous_name, previous = name, child
+    return model
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -358,19 +385,21 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """What "auto" means: reduced precision only where it keeps the embeddings equivalent.
+    """What "auto" means: the fastest precision whose embeddings keep fp32's neighbours.
 
-    bf16 autocast on CPU fails that bar: on 200 real images its top-10 neighbours overlap
-    fp32's by 0.975 (EfficientNet-Lite0, ImageNet weights) and 0.89 (random weights), under
-    the 0.98 required, and ResNet-50 runs no faster (docs/preprocessing.md). fp16 on CUDA
-    has not been measured on a GPU yet, so "auto" is fp32 everywhere; ask for bf16 or fp16
-    explicitly to trade neighbour agreement for speed.
+    The bar is a top-10 neighbour overlap of at least 0.98 with fp32 on the same images
+    (benchmarks/embed_throughput.py). bf16 fails it: 500 real images give 0.972 with
+    EfficientNet-Lite0's ImageNet weights and 0.965 with random-weight ResNet-50, because every
+    activation is stored with 8 mantissa bits; it stays an explicit choice, twice as fast on
+    AVX512-BF16 CPUs. fp16 keeps 11 bits and passes (0.997 on the same EfficientNet images,
+    rounded the same way on the CPU), so "auto" is fp16 autocast on CUDA, where it runs on
+    tensor cores, and fp32 on the CPU.
     """
     if precision != "auto":
         if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
             log.warning("this CPU has no bf16 instructions: bf16 is emulated and slower than fp32")
         return precision
-    return "fp32"
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
 @cache

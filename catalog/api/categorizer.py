@@ -9,6 +9,7 @@ from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.categorizer import categorizer_status, categorizer_train_start, suggestions_apply
 from catalog.models import CategorizerVersion
 
+
 class CategoryMetrics(serializers.Serializer):
     precision = serializers.FloatField(allow_null=True, help_text="null: never predicted")
     recall = serializers.FloatField(allow_null=True, help_text="null: no held-out image")

@@ -13,6 +13,7 @@ from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.ingest import COLUMNS, ingest_job_create, ingest_job_current, ingest_job_errors, ingest_job_report
 from catalog.models import IngestJob
 
+
 class IngestJobInput(serializers.Serializer):
     manifest = serializers.FileField(
         help_text=f"CSV with the header {','.join(COLUMNS)} (sku, title and image required), or JSON Lines "

@@ -20,6 +20,7 @@ from catalog.api.serializers import (
 from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product, ProductImage
 
+
 class CategoryListCreateApi(APIView):
     @extend_schema(responses=CategoryOutput(many=True))
     def get(self, request):

@@ -7,7 +7,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from catalog import services
-from catalog.models import Category, CategorizerVersion, IngestJob, Product, ProductImage
+from catalog.models import CategorizerVersion, Category, IngestJob, Product, ProductImage
 from tests.catalog.endpoints import PUBLIC_WRITES, api_operations
 
 pytestmark = [pytest.mark.django_db(transaction=True, reset_sequences=True), pytest.mark.services]

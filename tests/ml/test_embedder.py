@@ -26,9 +26,11 @@ from ml.embedder import (
     WeightsError,
     WeightsUnavailableError,
     efficientnet_pytorch_to_timm,
+    fold_batch_norms,
     imagenet_categories,
     load_embedder,
     resnet50_cache_file,
+    resolve_precision,
 )
 
 DOMESTIC_CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
@@ -236,6 +238,37 @@ def test_center_crop_preprocessing_is_the_weights_own(resnet_random, effnet_cent
         assert embedder.min_side == resize_size
 
 
+@pytest.mark.parametrize("backbone", ["resnet50", "efficientnet_lite0"])
+def test_folded_batch_norms_compute_the_same_function(backbone, images):
+    """Inference folds batch norms into the convolutions before them; the outputs stay the model's."""
+    import copy
+
+    import timm
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50() if backbone == "resnet50" else timm.create_model("tf_efficientnet_lite0")
+    for module in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    pixels = torch.stack([torch.from_numpy(np.array(image.resize((224, 224)))).permute(2, 0, 1) for image in images])
+    pixels = pixels.float() / 255 - 0.5
+
+    folded = fold_batch_norms(copy.deepcopy(model))
+
+    with torch.inference_mode():
+        expected, actual = model(pixels), folded(pixels)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+def test_the_embedder_runs_the_folded_model(resnet_random):
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in resnet_random._model.modules())
+
+
 def test_pad_keeps_the_whole_product_on_white(effnet_random, effnet_centre_crop):
     """A wide red product: padding keeps both ends and adds white; a centre crop cuts the ends."""
     wide = Image.new("RGB", (400, 100), (200, 0, 0))
@@ -260,6 +293,18 @@ def test_auto_precision_keeps_the_top10_neighbours_of_fp32(effnet_imagenet, effn
 
     assert neighbour_overlap(auto, fp32) >= 0.98
     assert effnet_imagenet.precision in ("fp32", "bf16")
+
+
+def test_fp16_which_auto_picks_on_cuda_keeps_the_top10_neighbours_of_fp32(effnet_imagenet_fp32):
+    """fp16 rounds like on a GPU when run on the CPU: the agreement behind "auto" on CUDA."""
+    images = crops(24)
+    fp16 = load_embedder("efficientnet_lite0", precision="fp16", device="cpu")
+
+    overlap = neighbour_overlap(fp16.embed(images).vectors, effnet_imagenet_fp32.embed(images).vectors)
+
+    assert overlap >= 0.98
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def test_bf16_when_asked_gives_close_vectors_and_labels(effnet_imagenet_fp32):

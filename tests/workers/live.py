@@ -19,9 +19,6 @@ from catalog.models import ProductImage
 from ml.index import VectorIndex, index_directory
 from tests.conftest import REPO_ROOT
 
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
-               "--save", "", "--appendonly", "no"]
-
 
 class Workers:
     def __init__(self, data_dir: Path):
