@@ -1,13 +1,13 @@
 """Embedding throughput of ``python -m ml embed`` next to ONNX Runtime and plain torchvision, in one run.
 
-    .venv/bin/pip install -r requirements-bench.txt     # ONNX Runtime, for the comparison only
     .venv/bin/python benchmarks/embed_throughput.py [--n 500] [--repeats 2]
 
 Every side reads and decodes every file inside its timed loop, with the same thread count, and
 runs ResNet-50 with random weights (throughput does not depend on the weights' values):
   ml embed           ml.embedder.embed_sources, the CLI's code path: decoding in threads overlapped
-                     with batched inference, batch norms folded, channels_last, uint8 batches
-                     normalised on the device; at the default precision and at bf16.
+                     with batched inference, batch norms folded, uint8 batches normalised in one
+                     step; fp32 (the default: the folded graph in ONNX Runtime) and bf16 (PyTorch,
+                     channels_last), and fp32 in PyTorch for comparison.
   ONNX Runtime       torchvision's ResNet-50 exported to ONNX, CPUExecutionProvider with every graph
                      optimisation, the weights' transforms(), batches of the same size, decoding in
                      the same number of threads; fp32, and int8 (static, per-channel, calibrated on
@@ -68,14 +68,14 @@ def benchmark_images(n: int) -> tuple[list[Path], str]:
     return (decodable * (n // len(decodable) + 1))[:n], f"decodable files of {CORPUS}"
 
 
-def ml_embed(files: list[Path], *, backbone: str = "resnet50", weights: str = "random",
-             precision: str = "auto", batch: int | None = None) -> tuple[float, np.ndarray, str, int]:
-    embedder = load_embedder(backbone, weights, precision=precision)
+def ml_embed(files: list[Path], *, backbone: str = "resnet50", weights: str = "random", precision: str = "auto",
+             engine: str = "auto", batch: int | None = None) -> tuple[float, np.ndarray, str, int]:
+    embedder = load_embedder(backbone, weights, precision=precision, engine=engine)
     batch = batch or embedder.batch_size
     embed_sources(embedder, files[: 2 * batch], read=Path.read_bytes, batch_size=batch)  # warm-up, untimed
     result = embed_sources(embedder, files, read=Path.read_bytes, batch_size=batch)
     assert not result.failures, result.failures[:3]
-    return result.images_per_s, result.vectors, embedder.precision, batch
+    return result.images_per_s, result.vectors, f"{embedder.precision} {embedder.engine}", batch
 
 
 def plain_torchvision(files: list[Path]) -> float:
@@ -221,7 +221,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="images per measurement")
     parser.add_argument("--batch", type=int, help="ml embed's --batch (default: the embedder's, 8 on CPU)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times, keep each's best")
-    parser.add_argument("--skip-onnx", action="store_true", help="leave ONNX Runtime out (not installed)")
     args = parser.parse_args()
 
     files, source = benchmark_images(args.n)
@@ -229,33 +228,37 @@ def main() -> None:
     rates: dict[str, list[float]] = {}
     vectors: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as directory:
-        onnx_models = {} if args.skip_onnx else export_resnet50(Path(directory), files[:CALIBRATION_IMAGES])
+        onnx_models = export_resnet50(Path(directory), files[:CALIBRATION_IMAGES])
         for _ in range(args.repeats):
             rates.setdefault("plain torchvision fp32, batch 1", []).append(plain_torchvision(files))
-            for precision in ("fp32", "bf16"):
-                rate, vectors[f"ml {precision}"], resolved, batch = ml_embed(files, precision=precision,
-                                                                             batch=args.batch)
-                rates.setdefault(f"ml embed {precision}, batch {batch}", []).append(rate)
+            for precision, engine in (("fp32", "auto"), ("fp32", "torch"), ("bf16", "auto")):
+                rate, vector_rows, path, batch = ml_embed(files, precision=precision, engine=engine, batch=args.batch)
+                vectors[path] = vector_rows
+                rates.setdefault(f"ml embed {path}, batch {batch}", []).append(rate)
             for name, model in onnx_models.items():
                 rate, vectors[f"onnx {name}"] = onnx_runtime(model, files, batch, threads)
                 rates.setdefault(f"ONNX Runtime {name}, batch {batch}", []).append(rate)
-    default_precision = load_embedder("resnet50", "random").precision
+    default = load_embedder("resnet50", "random")
+    default_path = f"{default.precision} {default.engine}"
     lite = {precision: ml_embed(files, backbone="efficientnet_lite0", weights="imagenet", precision=precision)[1]
             for precision in ("fp32", "bf16")}
     peaks = {name: peak_matmul_gflops(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
     best = {name: max(values) for name, values in rates.items()}
-    ours = best[f"ml embed {default_precision}, batch {batch}"]
+    ours = best[f"ml embed {default_path}, batch {batch}"]
     plain = best["plain torchvision fp32, batch 1"]
     onnx_fp32 = best.get(f"ONNX Runtime fp32, batch {batch}")
     agreement = {
-        "ml embed bf16 vs fp32, ResNet-50 random weights": neighbour_overlap(vectors["ml fp32"], vectors["ml bf16"]),
+        "ml embed fp32, PyTorch vs ONNX Runtime engine": neighbour_overlap(vectors[default_path],
+                                                                            vectors["fp32 torch"]),
+        "ml embed bf16 vs fp32, ResNet-50 random weights": neighbour_overlap(vectors[default_path],
+                                                                              vectors["bf16 torch"]),
         "ml embed bf16 vs fp32, EfficientNet-Lite0 ImageNet weights": neighbour_overlap(lite["fp32"], lite["bf16"]),
     }
     if onnx_models:
         agreement["ONNX Runtime int8 vs fp32, ResNet-50 random weights"] = neighbour_overlap(
             vectors["onnx fp32"], vectors["onnx int8"])
-    cosine_mean, cosine_std = pairwise_cosine(vectors["ml fp32"])
+    cosine_mean, cosine_std = pairwise_cosine(vectors[default_path])
 
     print(f"{len(files)} images from {source}; ResNet-50, random weights, decoding included")
     print(f"torch {torch.__version__}, {threads} threads on {available_cpus()} CPUs, "
@@ -265,7 +268,7 @@ def main() -> None:
     for name, rate in best.items():
         versus_onnx = f"{rate / onnx_fp32:13.2f}" if onnx_fp32 else ""
         print(f"{name:40s}{rate:10.1f}{rate / plain:9.2f}{versus_onnx}")
-    print(f"ml embed's default precision: {default_precision}")
+    print(f"ml embed's default: {default_path}")
     print("\ntop-10 neighbour agreement with fp32 (bar: 0.98)")
     for name, value in agreement.items():
         print(f"  {name}: {value:.4f}")
@@ -274,13 +277,13 @@ def main() -> None:
     print("\nmachine limit (best large matrix product on the same threads)")
     for name, gflops in peaks.items():
         limit = gflops / RESNET50_GFLOP
-        mine = best.get(f"ml embed {name}, batch {batch}")
+        mine = ours if name == default.precision else best[f"ml embed {name} torch, batch {batch}"]
         print(f"  {name}: {gflops:.0f} GFLOP/s = {limit:.1f} ResNet-50 images/s; "
               f"ml embed {name} reaches {mine / limit:.0%} of it")
     print(json.dumps({
         "images": len(files),
         "images_per_s": {name: round(rate, 2) for name, rate in best.items()},
-        "default_precision": default_precision,
+        "default": default_path,
         "ratio_vs_plain": round(ours / plain, 2),
         "ratio_vs_onnx_fp32": round(ours / onnx_fp32, 2) if onnx_fp32 else None,
         "agreement": {name: round(value, 4) for name, value in agreement.items()},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import sys
 import time
 
 import numpy as np
@@ -360,3 +361,44 @@ def test_unknown_choices_are_refused_with_the_options():
         load_embedder("vgg16", "random")
     with pytest.raises(ValueError, match="precision"):
         load_embedder("efficientnet_lite0", "random", precision="int8")
+    with pytest.raises(ValueError, match="engine"):
+        load_embedder("efficientnet_lite0", "random", engine="tensorrt")
+
+
+def test_fp32_on_the_cpu_runs_in_onnx_runtime_with_pytorchs_vectors_and_labels(effnet_imagenet_fp32, images):
+    in_torch = load_embedder("efficientnet_lite0", precision="fp32", engine="torch")
+
+    fast, reference = effnet_imagenet_fp32.embed(images), in_torch.embed(images)
+
+    assert effnet_imagenet_fp32.engine == "onnxruntime" and in_torch.engine == "torch"
+    np.testing.assert_allclose(fast.vectors, reference.vectors, atol=1e-5)
+    assert [labels[0][0] for labels in fast.labels] == [labels[0][0] for labels in reference.labels]
+    assert fast.identity == reference.identity
+
+
+def test_the_exported_graph_is_reused_by_later_loads(tmp_path, monkeypatch, images):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    first = load_embedder("efficientnet_lite0", "random")
+    assert [path.name for path in embedder_module.onnx_cache_dir().iterdir()] == [
+        f"efficientnet_lite0-{first.identity.weights_sha256[:16]}-torch{torch.__version__}.onnx"
+    ]
+
+    def no_export(*args):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(embedder_module, "_export_onnx", no_export)
+    second = load_embedder("efficientnet_lite0", "random")
+
+    assert second.engine == "onnxruntime"
+    np.testing.assert_array_equal(second.embed(images).vectors, first.embed(images).vectors)
+
+
+def test_without_onnx_runtime_fp32_runs_in_pytorch_with_a_warning(monkeypatch, caplog, images):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+
+    with caplog.at_level(logging.WARNING, logger="ml.embedder"):
+        embedder = load_embedder("efficientnet_lite0", "random")
+
+    assert embedder.engine == "torch"
+    assert "onnxruntime is not installed" in caplog.text
+    assert embedder.embed(images).vectors.shape == (len(images), 1280)
