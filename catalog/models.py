@@ -1,6 +1,7 @@
 """The catalog. The database is the source of truth: the vector index can always be rebuilt from it."""
 import numpy as np
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -41,6 +42,24 @@ class Category(models.Model):
         return "/".join(reversed(parts))
 
 
+def validate_attributes(value) -> None:
+    """Product attributes: a JSON object that PostgreSQL can store (no NUL character anywhere in it)."""
+    if not isinstance(value, dict):
+        raise ValidationError("attributes must be a JSON object")
+    if _holds_nul(value):
+        raise ValidationError("attributes must not hold NUL characters (\\u0000)")
+
+
+def _holds_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
 class Product(models.Model):
     sku = models.CharField(max_length=64, unique=True)
     title = models.CharField(max_length=300)
@@ -50,7 +69,7 @@ class Product(models.Model):
     category = models.ForeignKey(
         Category, null=True, blank=True, on_delete=models.SET_NULL, related_name="products"
     )
-    attributes = models.JSONField(default=dict, blank=True)
+    attributes = models.JSONField(default=dict, blank=True, validators=[validate_attributes])
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -3,6 +3,7 @@
 Each searching process holds an IndexReader on the active index; it checks the manifest at most every
 READER_CHECK_SECONDS and swaps in a new version without blocking searches already running.
 """
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from ml.index import IndexFileError, IndexReader, index_directory
 
 READER_CHECK_SECONDS = 0.5
 
+log = logging.getLogger(__name__)
+
 _readers: dict[str, IndexReader] = {}
 _readers_lock = threading.Lock()
 
@@ -30,6 +33,7 @@ class SearchUnavailable(Exception):
 def index_reader() -> IndexReader:
     active = active_index()
     if active is None:
+        log.warning("searching found no active index in %s", settings.INDEX_DIR)
         raise SearchUnavailable("no image has been indexed yet; upload product images and try again")
     directory = index_directory(settings.INDEX_DIR, active["identity"])
     with _readers_lock:
@@ -45,6 +49,7 @@ def similar_images(vector: np.ndarray, *, k: int, allow_ids: np.ndarray | None =
     try:
         index = index_reader().current()
     except IndexFileError as exc:
+        log.warning("searching found no usable index: %s", exc)
         raise SearchUnavailable(str(exc)) from exc
     scores, ids = index.search(np.asarray(vector, dtype=np.float32).reshape(1, -1), k, allow_ids=allow_ids)
     return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]

@@ -41,6 +41,11 @@ def exception_handler(exc, context):
         # The connection failed (the server restarts, the network dropped); a later request reconnects.
         logger.warning("database unavailable: %s", str(exc).strip())
         exc = ServiceUnavailable(detail=DATABASE_UNAVAILABLE)
+    if isinstance(exc, exceptions.UnsupportedMediaType) and context.get("view") is not None:
+        accepted = ", ".join(parser.media_type for parser in context["view"].get_parsers())
+        exc = exceptions.UnsupportedMediaType(
+            context["request"].content_type, detail=f"{exc.detail} This endpoint accepts: {accepted}."
+        )
     response = drf_exception_handler(exc, context)
     if isinstance(exc, ServiceUnavailable) and response is not None:
         response["Retry-After"] = "30"

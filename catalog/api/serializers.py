@@ -2,7 +2,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from catalog.models import Category, CategoryPrediction, Product, ProductImage
+from catalog.models import Category, CategoryPrediction, Product, ProductImage, validate_attributes
 
 
 class CategoryOutput(serializers.ModelSerializer):
@@ -94,23 +94,7 @@ class ProductInput(serializers.Serializer):
     price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0, required=False, allow_null=True)
     currency = serializers.RegexField(r"^[A-Za-z]{3}$", required=False, help_text="ISO 4217 code, e.g. USD")
     category = serializers.PrimaryKeyRelatedField(queryset=Category.objects.all(), allow_null=True, required=False)
-    attributes = serializers.JSONField(required=False, default=dict)
+    attributes = serializers.JSONField(required=False, default=dict, validators=[validate_attributes])
     is_active = serializers.BooleanField(required=False, default=True)
 
-    def validate_attributes(self, value):
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("attributes must be a JSON object")
-        if _holds_nul(value):
-            raise serializers.ValidationError("attributes must not hold NUL characters (\\u0000)")
-        return value
 
-
-def _holds_nul(value) -> bool:
-    """PostgreSQL cannot store the NUL character in text or JSON."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(item) for item in value)
-    return False

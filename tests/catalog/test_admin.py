@@ -45,3 +45,25 @@ def test_product_list_filters_and_search(admin_client, catalog):
     assert "Red apple" in by_category and "Blue ball" not in by_category
     by_status = admin_client.get("/admin/catalog/product/", {"images__status": "pending"}).content.decode()
     assert "Red apple" in by_status and "Blue ball" not in by_status
+
+
+def test_attributes_postgresql_cannot_store_are_refused_in_the_admin(admin_client, catalog, rf):
+    from django.contrib import admin
+
+    from catalog.models import Product
+
+    apple, _ = catalog
+    request = rf.post("/")
+    request.user = get_user_model().objects.get(username="root")
+    form_class = admin.site._registry[Product].get_form(request, apple)
+    data = {"sku": apple.sku, "title": apple.title, "description": "", "price": "1.00", "currency": "USD",
+            "category": apple.category_id, "is_active": "on"}
+
+    refused = form_class(data={**data, "attributes": '{"colour": "re\\u0000d"}'}, instance=apple)
+    accepted = form_class(data={**data, "attributes": '{"colour": "red"}'}, instance=apple)
+
+    assert not refused.is_valid()
+    assert "NUL" in " ".join(refused.errors["attributes"])
+    assert accepted.is_valid(), accepted.errors
+    apple.refresh_from_db()
+    assert apple.attributes == {}

@@ -308,6 +308,8 @@ def test_a_body_that_is_not_the_expected_upload_is_a_readable_4xx(staff, product
     media_type = content_type.split(";")[0]
     if media_type and media_type not in ACCEPTS[endpoint]:
         assert_refused(response, f'Unsupported media type "{media_type}"', status=415)
+        accepted = response.json()["error"].split("This endpoint accepts: ")[1].rstrip(".").split(", ")
+        assert sorted(accepted) == sorted(ACCEPTS[endpoint])
     else:
         assert_refused(response)
     assert state(isolated_data / "media") == before
