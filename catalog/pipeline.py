@@ -122,7 +122,7 @@ def images_embed(*, image_ids: list[int]) -> dict:
     if to_index:
         from workers.tasks import index_images
 
-        enqueue(index_images, add_ids=to_index)
+        enqueue(index_images, add_ids=to_index, model=_served_model(model))
     return {"embedded": len(embedded), "already": len(done), "failed": failed}
 
 
@@ -234,8 +234,12 @@ def _publish(index: VectorIndex) -> None:
     _writer_indexes[str(directory)] = index
 
 
-def index_apply(*, add_ids: list[int], remove_ids: list[int]) -> dict:
-    """Upsert the embedded images in add_ids, remove remove_ids, publish. Idempotent."""
+def index_apply(*, add_ids: list[int], remove_ids: list[int], model: dict | None = None) -> dict:
+    """Upsert the embedded images in add_ids, remove remove_ids, publish. Idempotent.
+
+    `model` ({"identity", "backbone", "weights", "configured"}, from `_served_model`) says which model
+    embedded add_ids, so the index worker can switch search to it without loading that model itself.
+    """
     added = 0
     with index_writer_lock():
         rows = list(
@@ -278,8 +282,8 @@ def index_apply(*, add_ids: list[int], remove_ids: list[int]) -> dict:
             ProductImage.objects.filter(id__in=[pk for pk, _ in group], model_identity=identity).exclude(
                 status=Status.FAILED
             ).update(status=Status.INDEXED, error="", updated_at=timezone.now())
-        for identity in by_identity:
-            _maybe_activate(identity)
+        if model is not None and model["identity"] in by_identity:
+            _maybe_activate(model)
     return {"added": added, "removed": len(remove), "published": sorted(touched)}
 
 
@@ -318,21 +322,30 @@ def _write_active(identity: str, spec: dict) -> None:
     logger.info("search now serves the index of %s", identity)
 
 
-def _maybe_activate(identity: str) -> None:
-    """Serve `identity` once its index holds every image that can be embedded (or nothing serves yet)."""
+def _served_model(model) -> dict:
+    """What search needs to embed queries with `model`, and the configuration it was loaded under."""
+    return {
+        "identity": model.identity.key,
+        "backbone": model.identity.backbone,
+        # A fallback model is named as what it is, so search loads the same one.
+        "weights": "imagenet" if model.fallback_reason else settings.EMBED_WEIGHTS,
+        "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS],
+    }
+
+
+def _maybe_activate(model: dict) -> None:
+    """Serve `model`'s index once it holds every image that can be embedded (or nothing serves yet)."""
+    identity = model["identity"]
     active = active_index()
     if active is not None and active["identity"] == identity:
         return
-    model = get_embedder()
-    if model.identity.key != identity:
-        return  # a leftover batch of an older model: never switch back to it
+    if model["configured"] != [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]:
+        return  # a leftover batch of a model configured before: never switch back to it
     behind = ProductImage.objects.exclude(status=Status.FAILED).exclude(
         model_identity=identity, status=Status.INDEXED
     )
     if active is None or not behind.exists():
-        # Search loads the same model to embed queries; a fallback model is named as what it is.
-        weights = "imagenet" if model.fallback_reason else settings.EMBED_WEIGHTS
-        _write_active(identity, {"backbone": model.identity.backbone, "weights": weights})
+        _write_active(identity, {"backbone": model["backbone"], "weights": model["weights"]})
 
 
 # ----- keeping nothing lost ----------------------------------------------------------------------
@@ -394,7 +407,8 @@ def index_rebuild() -> dict:
     Images the configured model has not embedded yet are queued for embedding; they join the index
     as they are done.
     """
-    identity = get_embedder().identity.key
+    model = get_embedder()
+    identity = model.identity.key
     queued = images_reembed_for_current_model()
     with index_writer_lock():
         index = _build_from_database(identity)
@@ -405,14 +419,15 @@ def index_rebuild() -> dict:
         ProductImage.objects.filter(id__in=[int(i) for i in index.ids()]).exclude(status=Status.INDEXED).update(
             status=Status.INDEXED, error="", updated_at=timezone.now()
         )
-        _maybe_activate(identity)
+        _maybe_activate(_served_model(model))
     return {"identity": identity, "indexed": len(index), "kind": index.kind, "version": index.version,
             "queued_for_embedding": queued}
 
 
 def index_verify(*, repair: bool) -> dict:
     """Compare the configured model's index with the database; with repair, fix every difference."""
-    identity = get_embedder().identity.key
+    model = get_embedder()
+    identity = model.identity.key
     with index_writer_lock():
         index = _writer_index(identity, None)
         in_index = set(int(i) for i in index.ids()) if index is not None else set()
@@ -421,7 +436,7 @@ def index_verify(*, repair: bool) -> dict:
     report = {"identity": identity, "in_database": len(in_database), "in_index": len(in_index),
               "missing": missing, "orphans": orphans, "repaired": False}
     if repair and (missing or orphans):
-        index_apply(add_ids=missing, remove_ids=orphans)
+        index_apply(add_ids=missing, remove_ids=orphans, model=_served_model(model))
         report["repaired"] = True
     if repair:
         report["requeued"] = images_requeue_stale()["requeued"]

@@ -42,9 +42,11 @@ def embed_images(self, image_ids: list[int]) -> dict:
 
 
 @shared_task(bind=True, **RELIABLE)
-def index_images(self, add_ids: list[int] | None = None, remove_ids: list[int] | None = None) -> dict:
+def index_images(
+    self, add_ids: list[int] | None = None, remove_ids: list[int] | None = None, model: dict | None = None
+) -> dict:
     """Apply embedded and deleted images to the vector index and publish a new version."""
-    return pipeline.index_apply(add_ids=add_ids or [], remove_ids=remove_ids or [])
+    return pipeline.index_apply(add_ids=add_ids or [], remove_ids=remove_ids or [], model=model)
 
 
 @shared_task(**RELIABLE)

@@ -184,6 +184,26 @@ def test_switching_the_model_keeps_serving_the_old_index_until_the_new_one_is_co
     assert set(ProductImage.objects.values_list("model_identity", flat=True)) == {new}
 
 
+def test_the_index_writer_switches_search_to_a_model_without_loading_it(photo, settings, monkeypatch):
+    _, cat = add_product("CAT", photo("chelsea"))
+    served = pipeline.active_index()
+    (settings.INDEX_DIR / pipeline.ACTIVE_FILE).unlink()  # as before any model was served
+    ProductImage.objects.filter(pk=cat.pk).update(status="processing")  # embedded, not indexed yet
+    monkeypatch.setattr(pipeline, "get_embedder", lambda spec=None: pytest.fail("the index writer loaded a model"))
+    model = {key: served[key] for key in ("identity", "backbone", "weights")}
+
+    # A leftover batch of a model configured before is indexed but never served.
+    pipeline.index_apply(add_ids=[cat.pk], remove_ids=[], model={**model, "configured": ["resnet50", "random"]})
+    assert pipeline.active_index() is None
+
+    ProductImage.objects.filter(pk=cat.pk).update(status="processing")
+    pipeline.index_apply(
+        add_ids=[cat.pk], remove_ids=[], model={**model, "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]}
+    )
+    active = pipeline.active_index()
+    assert {key: active[key] for key in model} == model
+
+
 def test_stale_pending_images_are_queued_again(photo, settings):
     _, cat = add_product("CAT", photo("chelsea"))
     ProductImage.objects.filter(pk=cat.pk).update(
