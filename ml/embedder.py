@@ -457,9 +457,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     The bar is a top-10 neighbour overlap of at least 0.98 with fp32 on the same images
     (benchmarks/embed_throughput.py). bf16 fails it: 500 real images give 0.972 with
-    EfficientNet-Lite0's ImageNet weights and 0.965 with random-weight ResNet-50, because every
-    activation is stored with 8 mantissa bits; it stays an explicit choice, twice as fast on
-    AVX512-BF16 CPUs. fp16 keeps 11 bits and passes (0.997 on the same EfficientNet images,
+    EfficientNet-Lite0's ImageNet weights and 0.963 with random-weight ResNet-50, because every
+    activation is stored with 8 significant bits; it stays an explicit choice, 1.6x as fast on
+    AVX512-BF16 CPUs. fp16 keeps 11 significant bits and passes (0.997 on the same EfficientNet images,
     rounded the same way on the CPU), so "auto" is fp16 autocast on CUDA, where it runs on
     tensor cores, and fp32 on the CPU.
     """
