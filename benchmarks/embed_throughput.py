@@ -43,7 +43,13 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ml.embedder import RESNET50_WEIGHTS, available_cpus, embed_sources, load_embedder  # noqa: E402
+from ml.embedder import (  # noqa: E402
+    RESNET50_WEIGHTS,
+    available_cpus,
+    embed_sources,
+    load_embedder,
+    neighbour_overlap,
+)
 from ml.images import ImageDecodeError, decode_image  # noqa: E402
 
 STAMPS = Path("/tmp/tuxpaint/usr/share/tuxpaint/stamps")
@@ -178,15 +184,6 @@ def batches(items: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 def normalized(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def neighbour_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
-    def neighbours(vectors: np.ndarray) -> np.ndarray:
-        similarity = vectors @ vectors.T
-        np.fill_diagonal(similarity, -np.inf)
-        return np.argsort(-similarity, axis=1)[:, :k]
-
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(neighbours(reference), neighbours(other))]))
 
 
 def pairwise_cosine(vectors: np.ndarray) -> tuple[float, float]:

@@ -31,10 +31,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ml.embedder import embed_sources, load_embedder  # noqa: E402
+from ml.embedder import AGREEMENT_BAR, embed_sources, load_embedder, neighbour_overlap  # noqa: E402
 from ml.index import VectorIndex, build_index  # noqa: E402
-
-AGREEMENT_BAR = 0.98
 
 
 def jpeg_images(n: int, seed: int = 0) -> list[bytes]:
@@ -54,15 +52,6 @@ def jpeg_images(n: int, seed: int = 0) -> list[bytes]:
         photo.crop((left, top, left + side, top + side)).resize((640, 480)).save(buffer, "JPEG", quality=90)
         images.append(buffer.getvalue())
     return images
-
-
-def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    def neighbours(vectors: np.ndarray) -> np.ndarray:
-        similarity = vectors @ vectors.T
-        np.fill_diagonal(similarity, -np.inf)
-        return np.argsort(-similarity, axis=1)[:, :k]
-
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(neighbours(a), neighbours(b))]))
 
 
 def check_embedding(images: list[bytes]) -> bool:

@@ -185,12 +185,16 @@ class Embedder:
         # (x / 255 - mean) / std as one subtraction and one division of the uint8 batch.
         self._pixel_mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255
         self._pixel_std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255
-        self._model = fold_batch_norms(model.eval()).to(device=device, memory_format=torch.channels_last)
+        model = fold_batch_norms(model.eval())
         # fp32 on the CPU runs in ONNX Runtime, whose kernels are faster than PyTorch's on the same
         # graph with identical results (benchmarks/embed_throughput.py); everything else in PyTorch.
         onnx = engine == "auto" and device.type == "cpu" and precision == "fp32"
-        self._session = _onnx_session(self._model, identity) if onnx else None
-        self.engine = "onnxruntime" if self._session is not None else "torch"
+        self._session = _onnx_session(model, identity) if onnx else None
+        self._model = model.to(device=device, memory_format=torch.channels_last)
+
+    @property
+    def engine(self) -> str:
+        return "torch" if self._session is None else "onnxruntime"
 
     def __repr__(self) -> str:
         return (
@@ -224,8 +228,10 @@ class Embedder:
             return EmbedResult(np.zeros((0, self.dim), np.float32), [], self.identity)
         if self.device.type == "cuda":
             batch = batch.pin_memory()  # page-locked, so the copy to the GPU runs asynchronously
+        # ONNX Runtime reads plain NCHW arrays; PyTorch's convolutions run faster channels-last.
+        layout = torch.contiguous_format if self._session is not None else torch.channels_last
         with torch.inference_mode():
-            pixels = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            pixels = batch.to(self.device, non_blocking=True).contiguous(memory_format=layout)
             pixels = (pixels.float() - self._pixel_mean) / self._pixel_std
             if self._session is not None:
                 pooled, logits = (torch.from_numpy(out) for out in self._session.run(None, {"pixels": pixels.numpy()}))
@@ -418,11 +424,10 @@ def _export_onnx(model: nn.Module, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
-            model.to(memory_format=torch.contiguous_format), (torch.zeros(1, 3, 224, 224),), str(partial),
+            model, (torch.zeros(1, 3, 224, 224),), str(partial),
             input_names=["pixels"], output_names=["pooled", "logits"],
             dynamic_axes={"pixels": {0: "n"}, "pooled": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
         )
-    model.to(memory_format=torch.channels_last)
     partial.replace(path)  # other processes see the whole file or none
 
 
@@ -450,6 +455,21 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+AGREEMENT_BAR = 0.98  # the least top-10 neighbour overlap with fp32 for a precision to be chosen by itself
+
+
+def neighbour_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of each vector's top-k neighbours (cosine, among the rows) under ``reference``
+    that are also its top-k under ``other``: how "auto" precision is judged."""
+
+    def neighbours(vectors: np.ndarray) -> np.ndarray:
+        similarity = vectors @ vectors.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1)[:, :k]
+
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(neighbours(reference), neighbours(other))]))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -30,6 +30,7 @@ from ml.embedder import (
     fold_batch_norms,
     imagenet_categories,
     load_embedder,
+    neighbour_overlap,
     resnet50_cache_file,
     resolve_precision,
 )
@@ -58,17 +59,6 @@ def crops(count: int, seed: int = 0) -> list[Image.Image]:
         top = int(rng.integers(0, source.height - side + 1))
         images.append(source.crop((left, top, left + side, top + side)).resize((96, 96)))
     return images
-
-
-def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of each item's top-k neighbours under ``a`` that are also top-k under ``b``."""
-
-    def neighbours(vectors: np.ndarray) -> np.ndarray:
-        similarity = vectors @ vectors.T
-        np.fill_diagonal(similarity, -np.inf)
-        return np.argsort(-similarity, axis=1)[:, :k]
-
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(neighbours(a), neighbours(b))]))
 
 
 @pytest.fixture(scope="module")
