@@ -242,6 +242,12 @@ def categorizer_in_service(*, identity: str) -> CategorizerVersion | None:
     ).first()
 
 
+def _version_in_service() -> CategorizerVersion | None:
+    """The version in service for the model whose index search serves."""
+    active = active_index()
+    return categorizer_in_service(identity=active["identity"]) if active else None
+
+
 def _current(identity: str) -> _Loaded | None:
     version = categorizer_in_service(identity=identity)
     if version is None:
@@ -465,8 +471,7 @@ def products_with_unlikely_category(*, threshold: float = UNLIKELY_THRESHOLD) ->
 def categorizer_status() -> dict:
     """What GET /api/categorizer/ answers: the newest training's state and the head in service."""
     latest = CategorizerVersion.objects.order_by("-id").first()
-    active = active_index()
-    serving = categorizer_in_service(identity=active["identity"]) if active else None
+    serving = _version_in_service()
     if latest is not None and latest.status in (Status.TRAINING, Status.FAILED):
         status, error = latest.status, latest.error
     elif serving is not None:
@@ -500,9 +505,9 @@ def categorizer_report_write(*, version: CategorizerVersion | None = None) -> Pa
     """Write the HTML report of a version (default: the one in service) with its PNG plots; returns its path."""
     from django.template.loader import render_to_string
 
+    serving = _version_in_service()
     if version is None:
-        active = active_index()
-        version = categorizer_in_service(identity=active["identity"]) if active else None
+        version = serving
         if version is None:
             raise ValidationError("there is no trained categorizer to evaluate; train one first (manage.py train_categorizer)")
     if version.status != Status.READY:
@@ -516,8 +521,7 @@ def categorizer_report_write(*, version: CategorizerVersion | None = None) -> Pa
     _plot_thresholds(metrics.get("thresholds", []), directory / "thresholds.png")
 
     unlikely, unlikely_count = None, None
-    active = active_index()
-    if active and categorizer_in_service(identity=active["identity"]) == version:
+    if serving == version:
         found = products_with_unlikely_category()
         products = Product.objects.select_related("category").in_bulk(list(found))
         unlikely = [(products[p], found[p]) for p in sorted(found, key=found.get)[:50] if p in products]

@@ -553,21 +553,7 @@ def _rows_store(batch: list[tuple[IngestRow, "_RowInput | ValidationError"]], ca
             try:
                 if isinstance(item, ValidationError):
                     raise item
-                known = set(categories)
-                try:
-                    with transaction.atomic():
-                        product = _product_upsert(sku=item.sku, title=item.title, values=item.values,
-                                                  categories=categories)
-                        image, created = services.product_image_add(
-                            product=product, data=item.data, filename=item.filename, queue=False
-                        )
-                        IngestRow.objects.filter(pk=row.pk).update(
-                            status=RowStatus.DONE, image=image, error="", updated_at=timezone.now()
-                        )
-                except ValidationError:
-                    for path in set(categories) - known:
-                        del categories[path]  # created in the savepoint just rolled back
-                    raise
+                image, created = _row_store(row, item, categories)
             except ValidationError as exc:
                 IngestRow.objects.filter(pk=row.pk).update(
                     status=RowStatus.FAILED, error=_message(exc)[:2000], updated_at=timezone.now()
@@ -578,6 +564,25 @@ def _rows_store(batch: list[tuple[IngestRow, "_RowInput | ValidationError"]], ca
                 if created:
                     new_images.append(image.pk)
     return new_images
+
+
+def _row_store(row: IngestRow, item: _RowInput, categories: dict) -> tuple[ProductImage, bool]:
+    """Store one row in a savepoint: its product and image; (the image, whether it is new)."""
+    known = set(categories)
+    try:
+        with transaction.atomic():
+            product = _product_upsert(sku=item.sku, title=item.title, values=item.values, categories=categories)
+            image, created = services.product_image_add(
+                product=product, data=item.data, filename=item.filename, queue=False
+            )
+            IngestRow.objects.filter(pk=row.pk).update(
+                status=RowStatus.DONE, image=image, error="", updated_at=timezone.now()
+            )
+    except ValidationError:
+        for path in set(categories) - known:
+            del categories[path]  # created in the savepoint just rolled back
+        raise
+    return image, created
 
 
 def _image_bytes(image: str, archive: ArchiveReader | None) -> tuple[bytes, str]:

@@ -92,7 +92,8 @@ def images_embed(*, image_ids: list[int]) -> dict:
     identity = model.identity.key
     images = list(ProductImage.objects.filter(id__in=image_ids).order_by("id"))
     done = [i.pk for i in images if i.model_identity == identity and i.embedding is not None]
-    todo = [i for i in images if not (i.model_identity == identity and i.embedding is not None)]
+    done_ids = set(done)
+    todo = [i for i in images if i.pk not in done_ids]
     ProductImage.objects.filter(id__in=[i.pk for i in todo]).update(
         status=Status.PROCESSING, updated_at=timezone.now()
     )
@@ -116,7 +117,7 @@ def images_embed(*, image_ids: list[int]) -> dict:
         with transaction.atomic():  # one commit per batch, not per image
             _store_embeddings(batch, result, identity)
         embedded += [image.pk for image, _ in batch]
-        _after_embedded(batch=[image for image, _ in batch], vectors=result.vectors)
+        _after_embedded(batch=[image for image, _ in batch], vectors=result.vectors, identity=identity)
 
     to_index = done + embedded
     if to_index:
@@ -144,11 +145,11 @@ def _try(fn):
         return None, exc
 
 
-def _after_embedded(*, batch: list[ProductImage], vectors: np.ndarray) -> None:
+def _after_embedded(*, batch: list[ProductImage], vectors: np.ndarray, identity: str) -> None:
     """Hook for work that rides on the same forward pass (category suggestions)."""
     from catalog.categorizer import suggestions_after_embedding
 
-    suggestions_after_embedding(images=batch, vectors=vectors, identity=get_embedder().identity.key)
+    suggestions_after_embedding(images=batch, vectors=vectors, identity=identity)
 
 
 def images_mark_failed(*, image_ids: list[int], reason: str) -> int:
