@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ml import category_audit  # noqa: E402
-from ml.categorizer import classification_metrics, holdout_split, train_category_head  # noqa: E402
+from ml.categorizer import holdout_split, train_category_head  # noqa: E402
+from ml.evaluation import classification_metrics  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 PACKAGE = "tuxpaint-stamps-default"

@@ -4,7 +4,7 @@
 
 Every side reads and decodes every file inside its timed loop, with the same thread count, and
 runs ResNet-50 with random weights (throughput does not depend on the weights' values):
-  ml embed           ml.embedder.embed_sources, the CLI's code path: decoding in threads overlapped
+  ml embed           ml.bulk.embed_sources, the CLI's code path: decoding in threads overlapped
                      with batched inference, batch norms folded, uint8 batches normalised in one
                      step; fp32 (the default: the folded graph in ONNX Runtime) and bf16 (PyTorch,
                      channels_last), and fp32 in PyTorch for comparison.
@@ -43,14 +43,12 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ml.embedder import (  # noqa: E402
-    RESNET50_WEIGHTS,
-    available_cpus,
-    embed_sources,
-    load_embedder,
-    neighbour_overlap,
-)
+from ml.bulk import embed_sources  # noqa: E402
+from ml.embedder import load_embedder  # noqa: E402
+from ml.evaluation import neighbour_overlap  # noqa: E402
 from ml.images import ImageDecodeError, decode_image  # noqa: E402
+from ml.precision import available_cpus  # noqa: E402
+from ml.weights import RESNET50_WEIGHTS  # noqa: E402
 
 STAMPS = Path("/tmp/tuxpaint/usr/share/tuxpaint/stamps")
 CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "images"

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/gpu_check.py [--n 512]
 
 What it checks, each against the CPU or fp32 result of the same inputs:
-  embedding   ResNet-50 (random weights) through ml.embedder.embed_sources on CUDA: "auto"
+  embedding   ResNet-50 (random weights) through ml.bulk.embed_sources on CUDA: "auto"
               precision (fp16 autocast), channels_last, pinned-memory batches; images/s next to
               fp32 on the same GPU, and the top-10 neighbour overlap of the two (bar: 0.98).
   decoding    torchvision.io.decode_jpeg on the GPU next to Pillow in threads, same JPEGs;
@@ -31,27 +31,12 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ml.embedder import AGREEMENT_BAR, embed_sources, load_embedder, neighbour_overlap  # noqa: E402
-from ml.index import VectorIndex, build_index  # noqa: E402
-
-
-def jpeg_images(n: int, seed: int = 0) -> list[bytes]:
-    """Crops of scikit-image's real photos, saved as 640 x 480 JPEGs."""
-    from skimage import data
-
-    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("chelsea", "coffee", "rocket",
-                                                                              "astronaut")]
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(n):
-        photo = photos[index % len(photos)]
-        side = int(rng.integers(min(photo.size) // 2, min(photo.size)))
-        left = int(rng.integers(0, photo.width - side + 1))
-        top = int(rng.integers(0, photo.height - side + 1))
-        buffer = io.BytesIO()
-        photo.crop((left, top, left + side, top + side)).resize((640, 480)).save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
+from benchmarks._common import distinct_photos  # noqa: E402
+from ml.bulk import embed_sources  # noqa: E402
+from ml.embedder import load_embedder  # noqa: E402
+from ml.evaluation import AGREEMENT_BAR, neighbour_overlap  # noqa: E402
+from ml.index_build import build_index  # noqa: E402
+from ml.index_store import load_index, save_index  # noqa: E402
 
 
 def check_embedding(images: list[bytes]) -> bool:
@@ -110,9 +95,9 @@ def check_index(n: int = 100_000, dim: int = 2048, queries: int = 256) -> bool:
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
     ids = np.arange(n, dtype=np.int64)
     with tempfile.TemporaryDirectory() as directory:
-        build_index(ids, vectors, "gpu-check:0", kind="flat").save(directory)
-        on_cpu = VectorIndex.load(directory, use_gpu=False)
-        on_gpu = VectorIndex.load(directory, use_gpu=True)
+        save_index(build_index(ids, vectors, "gpu-check:0", kind="flat"), directory)
+        on_cpu = load_index(directory, use_gpu=False)
+        on_gpu = load_index(directory, use_gpu=True)
     sample = vectors[rng.choice(n, size=queries, replace=False)] + 0.1 * rng.standard_normal((queries, dim)).astype(
         np.float32)
     timings = {}
@@ -137,7 +122,7 @@ def main() -> None:
               "run this on a GPU worker")
         return
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    images = jpeg_images(args.n)
+    images = list(distinct_photos(args.n, size=640))  # real-photo JPEGs
     outcomes = {"embedding": check_embedding(images), "decoding": check_decoding(images), "index": check_index()}
     failed = [name for name, passed in outcomes.items() if not passed]
     print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}")

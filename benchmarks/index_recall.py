@@ -32,7 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.index import FLAT, VectorIndex, build_index, measure_recall  # noqa: E402
+from ml.index import FLAT, VectorIndex  # noqa: E402
+from ml.index_build import build_index, measure_recall  # noqa: E402
+from ml.index_store import save_index  # noqa: E402
 
 
 def catalog_embeddings(
@@ -114,7 +116,7 @@ def main() -> None:
         build_s = time.perf_counter() - t
         grown_gb = resident_gb() - before_gb
         with tempfile.TemporaryDirectory() as directory:
-            size_gb = index.save(directory)["size"] / 2**30
+            size_gb = save_index(index, directory)["size"] / 2**30
         faiss.omp_set_num_threads(1)
         recall = measure_recall(index, queries, 10, ids=ids, vectors=vectors)
         timed = queries if kind != FLAT else queries[: args.flat_latency_queries]

@@ -13,7 +13,7 @@ Celery tasks in-process), so the one "worker" is this process. With DATABASE_URL
 set (a migrated database; VISUALSEARCH_DATA_DIR shared with the worker) it measures through one worker
 started as `celery -A visualsearch worker -c 1 -Q embed,index,default`.
 
-The bare figure is `pipeline.get_embedder().embed` alone on the same images, decoded beforehand exactly
+The bare figure is `serving.get_embedder().embed` alone on the same images, decoded beforehand exactly
 as the pipeline decodes them (outside the clock), in batches of EMBED_BATCH_SIZE; it is measured before
 and after the ingest and averaged, so the load of a shared machine weighs on both figures alike.
 """
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, embedded: bool) -> None:
     from django.core.management import call_command
     from rest_framework.test import APIClient
 
-    from catalog import pipeline
+    from catalog import serving
 
     if embedded:
         call_command("migrate", verbosity=0)
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, embedded: bool) -> None:
     print(f"data: {args.n} distinct {args.size}x{args.size} JPEGs, ZIP {len(archive) / 1e6:.1f} MB "
           f"({time.perf_counter() - t:.1f} s to make)")
 
-    model = pipeline.get_embedder()
+    model = serving.get_embedder()
     model.embed([Image.new("RGB", (args.size, args.size))] * 2)  # warm up: first-call allocations
     print(f"model: {model.identity.key} on {model.device}, {model.precision}, torch threads "
           f"{torch.get_num_threads()}; batch {settings.EMBED_BATCH_SIZE}; "

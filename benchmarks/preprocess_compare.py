@@ -26,13 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ml.embedder import (  # noqa: E402
-    Embedder,
-    efficientnet_pytorch_to_timm,
-    embed_sources,
-    load_embedder,
-)
+from ml.bulk import embed_sources  # noqa: E402
+from ml.embedder import Embedder, load_embedder  # noqa: E402
 from ml.images import decode_image  # noqa: E402
+from ml.weights import efficientnet_pytorch_to_timm  # noqa: E402
 
 STAMPS = Path("/tmp/tuxpaint/usr/share/tuxpaint/stamps")
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

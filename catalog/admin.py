@@ -1,3 +1,4 @@
+"""The admin: catalog tables, the suggestion review queue, categorizer reports and ingest jobs."""
 from pathlib import Path
 
 from django.conf import settings
@@ -8,9 +9,17 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from catalog import categorizer
+from catalog import categorizer, suggestions
 from catalog.ingest import ingest_job_current, ingest_job_errors
-from catalog.models import CategorizerVersion, Category, CategoryPrediction, IngestJob, Product, ProductImage
+from catalog.models import (
+    CategorizerVersion,
+    Category,
+    CategoryPrediction,
+    IngestJob,
+    Product,
+    ProductImage,
+)
+from catalog.reports import CATEGORIZER_REPORT_FILES
 
 
 def thumbnail(image: ProductImage | None, height: int = 80) -> str:
@@ -117,12 +126,12 @@ class CategoryPredictionAdmin(admin.ModelAdmin):
 
     @admin.action(description="Accept: give the products these categories")
     def accept(self, request, queryset):
-        count = categorizer.suggestions_accept(prediction_ids=list(queryset.values_list("pk", flat=True)))
+        count = suggestions.suggestions_accept(prediction_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"{count} product{'s' if count != 1 else ''} got the suggested category.")
 
     @admin.action(description="Reject: never suggest these categories for these products again")
     def reject(self, request, queryset):
-        count = categorizer.suggestions_reject(prediction_ids=list(queryset.values_list("pk", flat=True)))
+        count = suggestions.suggestions_reject(prediction_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"{count} suggestion{'s' if count != 1 else ''} rejected.")
 
     def changelist_view(self, request, extra_context=None):
@@ -175,7 +184,7 @@ class CategorizerVersionAdmin(admin.ModelAdmin):
         version = get_object_or_404(CategorizerVersion, pk=pk)
         if not self.has_view_permission(request, version):
             raise PermissionDenied
-        if name not in categorizer.REPORT_FILES:
+        if name not in CATEGORIZER_REPORT_FILES:
             raise Http404("no such report file")
         file = Path(settings.REPORTS_DIR) / Path(version.report_file).parent / name
         if not version.report_file or not file.is_file():

@@ -1,3 +1,4 @@
+"""The catalog app: registers its deployment checks."""
 from django.apps import AppConfig
 
 

@@ -31,15 +31,20 @@ DEMO_PRODUCTS = [
 ]
 
 
-def _photo(name: str, variant: str) -> bytes:
-    from skimage import data
+def skimage_photo(name: str) -> Image.Image:
+    """One of scikit-image's bundled photos as an RGB image."""
+    from skimage import data  # on first use: scikit-image takes a second to import, and only the demo needs it
 
     pixels = getattr(data, name)()
     if pixels.dtype == bool:  # a silhouette: True is the white background
         pixels = pixels.astype(np.uint8) * 255
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
-    img = Image.fromarray(pixels[..., :3].astype(np.uint8))
+    return Image.fromarray(pixels[..., :3].astype(np.uint8))
+
+
+def _photo(name: str, variant: str) -> bytes:
+    img = skimage_photo(name)
     w, h = img.size
     if variant == "crop":
         img = img.crop((w // 8, h // 8, w - w // 8, h - h // 8))

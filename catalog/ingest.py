@@ -10,20 +10,11 @@ it is indexed or failed).
 Every row's state is in the database, so a chunk delivered again after its worker died skips the rows
 already done, and the same manifest ingested twice finds its products by sku and its images by hash.
 """
-import codecs
-import csv
-import io
-import json
 import logging
-import posixpath
 import re
-import stat
-import threading
 import time
 import zipfile
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import PurePath
@@ -38,310 +29,43 @@ from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from catalog import services
+from catalog.archive import ArchiveReader, archive_check
+from catalog.manifest import manifest_format, manifest_parse
 from catalog.models import Category, IngestJob, IngestRow, Product, ProductImage
 from catalog.pipeline import images_queue_embedding
+from catalog.process_cache import ProcessCache
 from catalog.queue import enqueue, queue_check
 from catalog.remote import FetchError, fetch_url
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("sku", "title", "image", "category", "price", "description")
-REQUIRED_COLUMNS = ("sku", "title", "image")
 MAX_SKU = Product._meta.get_field("sku").max_length
 MAX_TITLE = Product._meta.get_field("title").max_length
-# Members this small cannot be a bomb whatever their ratio (a README, an empty file).
-BOMB_MIN_BYTES = 1024 * 1024
 MAX_ERRORS_SHOWN = 1000
 # A batch of rows holds at most this many image bytes in memory before it is stored.
 BATCH_BYTES = 64 * 1024 * 1024
 URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-# What people upload as a manifest by mistake, by the file's first bytes.
-NOT_TEXT = (
-    (b"PK\x03\x04", "a ZIP file (an Excel .xlsx workbook is one; a ZIP of images goes in `archive`)"),
-    (b"\xd0\xcf\x11\xe0", "an Excel 97-2003 workbook (.xls)"),
-    (codecs.BOM_UTF16_LE, "UTF-16 text (Excel's \"Unicode Text\")"),
-    (codecs.BOM_UTF16_BE, "UTF-16 text"),
-)
 
 JobStatus = IngestJob.Status
 RowStatus = IngestRow.Status
 ImageStatus = ProductImage.Status
 
 
-# ----- the manifest ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ManifestRow:
-    number: int  # the row's line in the file: the CSV header is line 1
-    fields: dict[str, str]
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    format: str
-    rows: list[ManifestRow] = field(default_factory=list)
-
-
-def manifest_format(*, filename: str, data: bytes) -> str:
-    """"jsonl" for .jsonl/.ndjson/.json files or content starting with "{", else "csv"."""
-    suffix = PurePath(filename or "").suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    if suffix == ".csv":
-        return "csv"
-    return "jsonl" if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{" else "csv"
-
-
-def manifest_parse(*, data: bytes, format: str) -> Manifest:
-    """Every row of a manifest. ValidationError when the file as a whole cannot be used.
-
-    A row that cannot be read (a JSON line that is not an object) comes back with its error set;
-    the row's values are checked when it is processed.
-    """
-    text = _decode(data)
-    rows = _parse_csv(text) if format == "csv" else _parse_jsonl(text)
-    if not rows:
-        after = " after its header" if format == "csv" else ""
-        raise ValidationError({"manifest": f"the manifest has no rows{after}"})
-    return Manifest(format=format, rows=rows)
-
-
-def _decode(data: bytes) -> str:
-    save_as = 'save it as UTF-8 (in Excel: "CSV UTF-8") and upload it again'
-    for signature, what in NOT_TEXT:
-        if data.startswith(signature):
-            raise ValidationError({"manifest": f"the manifest is {what}, not CSV or JSON Lines text; {save_as}"})
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValidationError({
-            "manifest": f"the manifest is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} is not valid "
-                        f"UTF-8; {save_as}"
-        }) from None
-    if "\x00" in text:  # UTF-16 without a byte-order mark, or a binary file; no database stores it as text
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise ValidationError({
-            "manifest": f"the manifest is not UTF-8 text: line {line} holds a NUL character (UTF-16 text or a "
-                        f"binary file has them); {save_as}"
-        })
-    return text
-
-
-def _check_columns(names: list[str], what: str) -> None:
-    missing = [name for name in REQUIRED_COLUMNS if name not in names]
-    if missing:
-        has = ", ".join(n for n in names if n)[:300] or "nothing"
-        raise ValidationError({
-            "manifest": f"the manifest's {what} has no {', '.join(missing)} "
-                        f"{'column' if len(missing) == 1 else 'columns'} (it has: {has}); the columns are "
-                        f"{','.join(COLUMNS)}, of which {','.join(REQUIRED_COLUMNS)} are required"
-        })
-
-
-def _parse_csv(text: str) -> list[ManifestRow]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    rows: list[ManifestRow] = []
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise ValidationError({"manifest": "the manifest is empty; its first line must be the header "
-                                               f"{','.join(COLUMNS)}"})
-        names = [name.strip().lower() for name in header]
-        _check_columns(names, "header")
-        position = {name: names.index(name) for name in COLUMNS if name in names}
-        line = reader.line_num
-        for values in reader:
-            number, line = line + 1, reader.line_num
-            if not any(value.strip() for value in values):
-                continue  # a blank line
-            fields = {name: values[i].strip() if i < len(values) else "" for name, i in position.items()}
-            rows.append(ManifestRow(number=number, fields=fields))
-    except csv.Error as exc:
-        raise ValidationError({"manifest": f"the manifest is not valid CSV (line {reader.line_num}: {exc})"}) from None
-    return rows
-
-
-def _json_value(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError("holds a NUL character")
-        return value.strip()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ValueError(f"{json.dumps(value)[:60]} is not text or a number")
-
-
-def _parse_jsonl(text: str) -> list[ManifestRow]:
-    rows: list[ManifestRow] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, RecursionError) as exc:
-            if isinstance(exc, RecursionError):
-                reason = "JSON nested too deeply to read"
-            elif isinstance(exc, json.JSONDecodeError):
-                reason = f"not valid JSON ({exc.msg}, column {exc.colno})"
-            else:
-                reason = str(exc)
-            if not rows:
-                raise ValidationError({"manifest": f"the manifest's first line is {reason}; each line must be a "
-                                                   'JSON object such as {"sku": "A-1", "title": "...", '
-                                                   '"image": "a.jpg"}'})
-            rows.append(ManifestRow(number=number, fields={}, error=f"the line is {reason}"))
-            continue
-        obj = {str(key).strip().lower(): value for key, value in obj.items()}
-        if not rows:
-            _check_columns(list(obj), "first line")
-        fields, errors = {}, []
-        for name in COLUMNS:
-            try:
-                fields[name] = _json_value(obj.get(name))
-            except ValueError as exc:
-                errors.append(f"{name}: {exc}")
-        rows.append(ManifestRow(number=number, fields=fields, error="; ".join(errors)))
-    return rows
-
-
-# ----- the archive -------------------------------------------------------------------------------
-
-def _member_path(name: str) -> str | None:
-    """The member's path with "/" separators, or None if it is absolute or escapes the archive."""
-    name = name.replace("\\", "/")
-    if not name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        return None
-    if ".." in name.split("/"):
-        return None
-    return posixpath.normpath(name)
-
-
-def _is_symlink(info: zipfile.ZipInfo) -> bool:
-    return stat.S_ISLNK(info.external_attr >> 16)
-
-
-def _is_bomb(info: zipfile.ZipInfo) -> bool:
-    if info.file_size <= BOMB_MIN_BYTES:
-        return False
-    return info.file_size > max(info.compress_size, 1) * settings.INGEST_MAX_COMPRESSION_RATIO
-
-
-def archive_check(file) -> None:
-    """ValidationError unless `file` is a ZIP this service will read: no member with an absolute path or
-    one that escapes the archive, no symbolic link, at most INGEST_MAX_FILES files and
-    INGEST_MAX_ARCHIVE_BYTES uncompressed, no member expanding over INGEST_MAX_COMPRESSION_RATIO times.
-
-    Only the central directory is read here; members are read later with a size cap of their own.
-    """
-    try:
-        with zipfile.ZipFile(file) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
-        raise ValidationError({"archive": f"the archive is not a readable ZIP file ({exc})"}) from None
-    files = [info for info in members if not info.is_dir()]
-    if len(files) > settings.INGEST_MAX_FILES:
-        raise ValidationError({"archive": f"the archive holds {len(files)} files, over the limit of "
-                                          f"{settings.INGEST_MAX_FILES}; split it into several jobs"})
-    total = sum(info.file_size for info in files)
-    if total > settings.INGEST_MAX_ARCHIVE_BYTES:
-        raise ValidationError({"archive": f"the archive expands to {total / 1e6:.1f} MB, over the limit of "
-                                          f"{settings.INGEST_MAX_ARCHIVE_BYTES / 1e6:.1f} MB; split it into "
-                                          "several jobs"})
-    for info in members:
-        shown = info.filename[:200]
-        if _member_path(info.filename) is None:
-            raise ValidationError({"archive": f"the archive holds {shown!r}, a path outside the archive; "
-                                              "nothing was imported"})
-        if _is_symlink(info):
-            raise ValidationError({"archive": f"the archive holds {shown!r}, a symbolic link; links are not "
-                                              "followed, so nothing was imported"})
-        if _is_bomb(info):
-            raise ValidationError({"archive": f"{shown!r} in the archive expands "
-                                              f"{info.file_size / max(info.compress_size, 1):.0f} times, over the "
-                                              f"{settings.INGEST_MAX_COMPRESSION_RATIO}:1 limit (the mark of a zip "
-                                              "bomb); nothing was imported"})
-
-
-class ArchiveReader:
-    """Reads images out of a stored ZIP by the paths a manifest gives, never trusting its headers."""
-
-    def __init__(self, file):
-        self._file = file
-        self._zip = zipfile.ZipFile(file)
-        self._members: dict[str, zipfile.ZipInfo] = {}
-        for info in self._zip.infolist():
-            path = _member_path(info.filename)
-            if path is not None and not info.is_dir() and not _is_symlink(info):
-                self._members[path] = info
-        # An archive of a folder: "images/a.jpg" also finds "catalog/images/a.jpg".
-        tops = {path.split("/", 1)[0] for path in self._members}
-        self._prefix = f"{tops.pop()}/" if len(tops) == 1 and all("/" in p for p in self._members) else ""
-
-    def close(self) -> None:
-        self._zip.close()
-        self._file.close()
-
-    def read(self, path: str) -> bytes:
-        name = _member_path(path.strip())
-        if name is None:
-            raise ValidationError({"image": f"{path[:200]!r} is not a path inside the archive"})
-        info = self._members.get(name) or self._members.get(self._prefix + name)
-        if info is None:
-            raise ValidationError({"image": f"{path[:200]} is not in the archive"})
-        cap = settings.MAX_UPLOAD_BYTES
-        too_large = {"image": f"{path[:200]} is over the {cap / 1e6:.1f} MB limit for an image"}
-        if info.flag_bits & 0x1:
-            raise ValidationError({"image": f"{path[:200]} is encrypted in the archive; archives with a "
-                                            "password cannot be read"})
-        if info.file_size > cap:
-            raise ValidationError(too_large)
-        if _is_bomb(info):
-            raise ValidationError({"image": f"{path[:200]} expands over the {settings.INGEST_MAX_COMPRESSION_RATIO}:1 "
-                                            "limit (the mark of a zip bomb)"})
-        try:
-            with self._zip.open(info) as member:
-                data = member.read(cap + 1)  # the header's size is a claim; this bound is not
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-            raise ValidationError({"image": f"{path[:200]} cannot be read from the archive ({exc})"}) from None
-        if len(data) > cap:
-            raise ValidationError(too_large)
-        return data
-
-
 # One open archive per job per process: a worker takes the chunks of one job in a row, and reading a
 # large ZIP's directory once per chunk would cost more than the chunk.
-_readers: dict[tuple[int, str, str], ArchiveReader] = {}
-_readers_lock = threading.Lock()
+_readers: ProcessCache[tuple[int, str, str], ArchiveReader] = ProcessCache(
+    "ingest archives", size=2, close=ArchiveReader.close
+)
 
 
 def _archive_reader(job: IngestJob) -> ArchiveReader | None:
     if not job.archive:
         return None
-    key = _reader_key(job)
-    with _readers_lock:
-        reader = _readers.get(key)
-        if reader is None:
-            while len(_readers) >= 2:
-                _readers.pop(next(iter(_readers))).close()
-            reader = _readers[key] = ArchiveReader(job.archive.storage.open(job.archive.name, "rb"))
-        return reader
+    return _readers.get(_reader_key(job), lambda: ArchiveReader(job.archive.storage.open(job.archive.name, "rb")))
 
 
 def _reader_key(job: IngestJob) -> tuple[int, str, str]:
     return job.pk, job.archive.name, job.created_at.isoformat()
-
-
-def _archive_release(job: IngestJob) -> None:
-    with _readers_lock:
-        reader = _readers.pop(_reader_key(job), None)
-    if reader is not None:
-        reader.close()
 
 
 # ----- accepting a job ---------------------------------------------------------------------------
@@ -385,9 +109,7 @@ def ingest_job_create(
 
 
 def ingest_job_queue(*, job_id: int) -> bool:
-    from workers.tasks import start_ingest_job
-
-    return enqueue(start_ingest_job, job_id=job_id)
+    return enqueue("start_ingest_job", job_id=job_id)
 
 
 # ----- running a job -----------------------------------------------------------------------------
@@ -451,10 +173,8 @@ def _pending_chunks(job: IngestJob) -> list[tuple[int, int]]:
 
 
 def _queue_chunks(job_id: int, chunks: list[tuple[int, int]]) -> None:
-    from workers.tasks import ingest_rows
-
     for first, last in chunks:
-        enqueue(ingest_rows, job_id=job_id, first=first, last=last)
+        enqueue("ingest_rows", job_id=job_id, first=first, last=last)
 
 
 def ingest_rows_process(*, job_id: int, first: int, last: int) -> dict:
@@ -682,7 +402,7 @@ def ingest_job_refresh(*, job: IngestJob) -> IngestJob:
             )
         if finished:
             if job.archive:
-                _archive_release(job)
+                _readers.pop(_reader_key(job))
             logger.info("ingest job %s %s: %s of %s rows succeeded", job.pk, status, succeeded, counts["total"])
     job.refresh_from_db()
     return job
@@ -744,49 +464,3 @@ def ingest_job_errors(*, job: IngestJob, limit: int = MAX_ERRORS_SHOWN) -> list[
     """The job's own errors, then its failed rows by row number: [{"row", "sku", "error"}]."""
     rows = job.rows.filter(status=RowStatus.FAILED).order_by("number").values_list("number", "sku", "error")[:limit]
     return list(job.errors) + [{"row": number, "sku": sku, "error": error} for number, sku, error in rows]
-
-
-# ----- the row report ----------------------------------------------------------------------------
-
-REPORT_COLUMNS = ("line", "status", "error", *COLUMNS)
-# A cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection").
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_cell(value: str) -> str:
-    """`value` as a spreadsheet shows it as text: a leading quote before anything that would start a formula."""
-    return f"'{value}" if value.startswith(FORMULA_PREFIXES) else value
-
-
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
-def _row_outcome(row: IngestRow) -> tuple[str, str]:
-    if row.status == RowStatus.FAILED:
-        return "failed", row.error
-    if row.status == RowStatus.DONE:
-        if row.image is not None and row.image.status == ImageStatus.FAILED:
-            return "failed", f"image: {row.image.error or 'the image could not be embedded'}"
-        if row.image is None or row.image.status == ImageStatus.INDEXED:
-            return "succeeded", ""
-    return "pending", ""
-
-
-def ingest_job_report(*, job: IngestJob) -> Iterator[str]:
-    """The job's rows as CSV text, a line at a time: each row's line in the manifest, its outcome and error,
-    then the manifest's own columns, so a catalog team can fix the failed rows in a spreadsheet and upload
-    them again (the manifest ignores the extra columns). UTF-8 with a byte-order mark, as Excel expects.
-
-    Every value came from someone's upload, so every cell that would start a formula starts with a quote.
-    """
-    writer = csv.writer(_Echo())
-    yield "\ufeff" + writer.writerow(REPORT_COLUMNS)
-    for error in job.errors:
-        yield writer.writerow(["", "failed", spreadsheet_cell(error.get("error") or ""),
-                               *("" for _ in COLUMNS)])
-    for row in job.rows.select_related("image").order_by("number").iterator(chunk_size=2000):
-        status, error = _row_outcome(row)
-        values = [str(row.data.get(name, "")) for name in COLUMNS]
-        yield writer.writerow([row.number, status, *(spreadsheet_cell(value) for value in [error, *values])])

@@ -1,3 +1,4 @@
+"""Request body limits: bodies over the cap are refused with 413 (411 when chunked) before they are read."""
 from django.conf import settings
 from django.http import JsonResponse
 

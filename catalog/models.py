@@ -84,10 +84,10 @@ class Product(models.Model):
 
 class ProductImage(models.Model):
     class Status(models.TextChoices):
-        PENDING = "pending"
-        PROCESSING = "processing"
-        INDEXED = "indexed"
-        FAILED = "failed"
+        PENDING = "pending", "pending: waiting to be embedded"
+        PROCESSING = "processing", "processing: being embedded"
+        INDEXED = "indexed", "indexed: searchable"
+        FAILED = "failed", "failed: see the error"
 
     product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="images")
     file = models.FileField(upload_to="images/", max_length=255)
@@ -148,7 +148,8 @@ class CategoryPrediction(models.Model):
 class CategorizerVersion(models.Model):
     """One training of the category head (catalog/categorizer.py): its state, its data, how good it is.
 
-    The head in service is the latest `ready` version trained on the configured model's embeddings.
+    The head in service is the newest `ready` version trained on the served model's embeddings
+    (catalog/category_heads.py).
     """
 
     class Status(models.TextChoices):

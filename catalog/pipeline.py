@@ -2,18 +2,14 @@
 
 upload (services.product_image_add) -> embed_images task (images_embed: decode, one forward pass per
 batch, store the embedding) -> index_images task (index_apply: the single writer upserts the vectors and
-publishes a new index version) -> searching processes pick the version up (search.vector_search).
+publishes a new index version) -> searching processes pick the version up (search.similar_images).
 
-Each model identity has its own index directory under settings.INDEX_DIR; `active.json` names the one
-that search serves. When the configured model changes, every image is re-embedded into the new
-identity's index and search switches over only once that index holds every image.
+When the configured model changes, every image is re-embedded into the new identity's index, and
+search switches over (catalog/serving.py) only once that index holds every image.
 """
 import contextlib
 import datetime
-import fcntl
-import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,46 +22,19 @@ from django.db import transaction
 from django.utils import timezone
 
 from catalog.models import ProductImage, embedding_from_bytes, embedding_to_bytes
-from catalog.queue import enqueue
+from catalog.process_cache import ProcessCache
+from catalog.queue import enqueue, queue_backlog
 from catalog.selectors import embedded_images
+from catalog.serving import get_embedder, maybe_activate, served_model
+from catalog.suggestions import suggestions_after_embedding
+from ml.files import exclusive_lock
 from ml.images import ImageDecodeError, decode_image
-from ml.index import IndexFileError, VectorIndex, index_directory, read_manifest
+from ml.index import IndexFileError, VectorIndex
+from ml.index_build import build_index
+from ml.index_store import index_directory, load_index, read_manifest, save_index
 
 logger = logging.getLogger(__name__)
 Status = ProductImage.Status
-
-ACTIVE_FILE = "active.json"
-
-
-# ----- the model, once per process ---------------------------------------------------------------
-
-_embedders: dict[tuple, object] = {}
-_embedder_lock = threading.Lock()
-
-
-def embedder_spec() -> dict:
-    return {"backbone": settings.EMBED_BACKBONE, "weights": settings.EMBED_WEIGHTS}
-
-
-def get_embedder(spec: dict | None = None):
-    """The classifier-embedder for `spec` (default: the configured one), loaded once per process.
-
-    Loading happens on first use, so a prefork worker loads it in each child, never in the parent.
-    """
-    from ml.embedder import load_embedder
-
-    spec = spec or embedder_spec()
-    key = (spec["backbone"], spec["weights"], settings.EMBED_PRECISION, settings.EMBED_FALLBACK)
-    with _embedder_lock:
-        if key not in _embedders:
-            if len(_embedders) >= 2:  # the configured model and, during a switch, the one search serves
-                _embedders.pop(next(iter(_embedders)))
-            _embedders[key] = load_embedder(
-                spec["backbone"], spec["weights"], precision=settings.EMBED_PRECISION,
-                fallback=settings.EMBED_FALLBACK,
-            )
-        return _embedders[key]
-
 
 # ----- embedding ---------------------------------------------------------------------------------
 
@@ -117,13 +86,12 @@ def images_embed(*, image_ids: list[int]) -> dict:
         with transaction.atomic():  # one commit per batch, not per image
             _store_embeddings(batch, result, identity)
         embedded += [image.pk for image, _ in batch]
-        _after_embedded(batch=[image for image, _ in batch], vectors=result.vectors, identity=identity)
+        # Work that rides on the same forward pass: category suggestions for uncategorized products.
+        suggestions_after_embedding(images=[image for image, _ in batch], vectors=result.vectors, identity=identity)
 
     to_index = done + embedded
     if to_index:
-        from workers.tasks import index_images
-
-        enqueue(index_images, add_ids=to_index, model=_served_model(model))
+        enqueue("index_images", add_ids=to_index, model=served_model(model))
     return {"embedded": len(embedded), "already": len(done), "failed": failed}
 
 
@@ -145,13 +113,6 @@ def _try(fn):
         return None, exc
 
 
-def _after_embedded(*, batch: list[ProductImage], vectors: np.ndarray, identity: str) -> None:
-    """Hook for work that rides on the same forward pass (category suggestions)."""
-    from catalog.categorizer import suggestions_after_embedding
-
-    suggestions_after_embedding(images=batch, vectors=vectors, identity=identity)
-
-
 def images_mark_failed(*, image_ids: list[int], reason: str) -> int:
     """The last retry failed: say so on every image of the batch that is not done."""
     return ProductImage.objects.filter(id__in=image_ids).exclude(status=Status.INDEXED).update(
@@ -161,7 +122,8 @@ def images_mark_failed(*, image_ids: list[int], reason: str) -> int:
 
 # ----- the index writer --------------------------------------------------------------------------
 
-_writer_indexes: dict[str, VectorIndex] = {}
+# The writer's copy of each identity's index, stamped with the published version it holds.
+_writer_indexes: ProcessCache[str, VectorIndex] = ProcessCache("index writer copies")
 _writer_thread_lock = threading.Lock()
 
 
@@ -170,33 +132,36 @@ def index_writer_lock() -> Iterator[None]:
     """One index writer at a time: across threads of this process and across processes."""
     root = Path(settings.INDEX_DIR)
     root.mkdir(parents=True, exist_ok=True)
-    with _writer_thread_lock, open(root / ".writer.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _writer_thread_lock, exclusive_lock(root / ".writer.lock"):
+        yield
 
 
 def _writer_index(identity: str, dim: int | None) -> VectorIndex | None:
-    """The writer's copy of an identity's index, reloaded if another process published since."""
+    """The writer's copy of an identity's index, loaded again if another process published since.
+
+    With nothing published yet: the copy being built, or a new empty one when `dim` is given.
+    """
     directory = index_directory(settings.INDEX_DIR, identity)
-    cached = _writer_indexes.get(str(directory))
     try:
-        manifest = read_manifest(directory)
+        version = read_manifest(directory)["version"]
     except IndexFileError:
-        manifest = None
-    if manifest is not None and (cached is None or cached.version != manifest["version"]):
-        try:
-            cached = VectorIndex.load(directory, expected_identity=identity)
-        except IndexFileError:
-            logger.exception("index %s is unusable; rebuilding it from the database", directory)
-            cached = _build_from_database(identity)
-    if cached is None and dim is not None:
-        cached = VectorIndex(identity, dim, exact_threshold=settings.INDEX_EXACT_THRESHOLD)
-    if cached is not None:
-        _writer_indexes[str(directory)] = cached
-    return cached
+        version = None
+    if version is not None:
+        return _writer_indexes.get(str(directory), lambda: _load_or_rebuild(identity), stamp=version)
+    index = _writer_indexes.peek(str(directory))
+    if index is None and dim is not None:
+        index = VectorIndex(identity, dim, exact_threshold=settings.INDEX_EXACT_THRESHOLD)
+        _writer_indexes.put(str(directory), index, stamp=None)
+    return index
+
+
+def _load_or_rebuild(identity: str) -> VectorIndex | None:
+    directory = index_directory(settings.INDEX_DIR, identity)
+    try:
+        return load_index(directory, expected_identity=identity)
+    except IndexFileError:
+        logger.exception("index %s is unusable; rebuilding it from the database", directory)
+        return _build_from_database(identity)
 
 
 def _vectors(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
@@ -213,8 +178,6 @@ def _embedded_rows(identity: str, ids: list[int] | None = None) -> list[tuple[in
 
 
 def _build_from_database(identity: str) -> VectorIndex | None:
-    from ml.index import build_index
-
     ids, vectors = _vectors(_embedded_rows(identity))
     if vectors is None:
         return None
@@ -224,21 +187,19 @@ def _build_from_database(identity: str) -> VectorIndex | None:
 def _publish(index: VectorIndex) -> None:
     directory = index_directory(settings.INDEX_DIR, index.identity)
     if index.needs_rebuild:
-        from ml.index import build_index
-
         ids = index.ids()
         rows = dict(_embedded_rows(index.identity, ids=[int(i) for i in ids]))
         kept = np.array([i for i in ids if int(i) in rows], dtype=np.int64)
         vectors = np.stack([embedding_from_bytes(rows[int(i)]) for i in kept])
         index = build_index(kept, vectors, index.identity, exact_threshold=settings.INDEX_EXACT_THRESHOLD)
-    index.save(directory)
-    _writer_indexes[str(directory)] = index
+    save_index(index, directory)
+    _writer_indexes.put(str(directory), index, stamp=index.version)
 
 
 def index_apply(*, add_ids: list[int], remove_ids: list[int], model: dict | None = None) -> dict:
     """Upsert the embedded images in add_ids, remove remove_ids, publish. Idempotent.
 
-    `model` ({"identity", "backbone", "weights", "configured"}, from `_served_model`) says which model
+    `model` ({"identity", "backbone", "weights", "configured"}, from `serving.served_model`) says which model
     embedded add_ids, so the index worker can switch search to it without loading that model itself.
     """
     added = 0
@@ -277,14 +238,14 @@ def index_apply(*, add_ids: list[int], remove_ids: list[int], model: dict | None
             # The writer's copies now hold changes no published file holds (a full disk, say): the retry
             # must start again from the published versions, or it would find nothing left to do.
             for identity in touched:
-                _writer_indexes.pop(str(index_directory(settings.INDEX_DIR, identity)), None)
+                _writer_indexes.pop(str(index_directory(settings.INDEX_DIR, identity)))
             raise
         for identity, group in by_identity.items():
             ProductImage.objects.filter(id__in=[pk for pk, _ in group], model_identity=identity).exclude(
                 status=Status.FAILED
             ).update(status=Status.INDEXED, error="", updated_at=timezone.now())
         if model is not None and model["identity"] in by_identity:
-            _maybe_activate(model)
+            maybe_activate(model)
     return {"added": added, "removed": len(remove), "published": sorted(touched)}
 
 
@@ -301,70 +262,20 @@ def _known_identities() -> list[str]:
     return identities
 
 
-# ----- which index search serves -----------------------------------------------------------------
-
-def active_index() -> dict | None:
-    """{"identity", "backbone", "weights", "activated_at"} of the index search serves, or None."""
-    try:
-        return json.loads((Path(settings.INDEX_DIR) / ACTIVE_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _write_active(identity: str, spec: dict) -> None:
-    root = Path(settings.INDEX_DIR)
-    data = {**spec, "identity": identity, "activated_at": timezone.now().isoformat(timespec="seconds")}
-    tmp = root / f".{ACTIVE_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / ACTIVE_FILE)
-    logger.info("search now serves the index of %s", identity)
-
-
-def _served_model(model) -> dict:
-    """What search needs to embed queries with `model`, and the configuration it was loaded under."""
-    return {
-        "identity": model.identity.key,
-        "backbone": model.identity.backbone,
-        # A fallback model is named as what it is, so search loads the same one.
-        "weights": "imagenet" if model.fallback_reason else settings.EMBED_WEIGHTS,
-        "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS],
-    }
-
-
-def _maybe_activate(model: dict) -> None:
-    """Serve `model`'s index once it holds every image that can be embedded (or nothing serves yet)."""
-    identity = model["identity"]
-    active = active_index()
-    if active is not None and active["identity"] == identity:
-        return
-    if model["configured"] != [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]:
-        return  # a leftover batch of a model configured before: never switch back to it
-    behind = ProductImage.objects.exclude(status=Status.FAILED).exclude(
-        model_identity=identity, status=Status.INDEXED
-    )
-    if active is None or not behind.exists():
-        _write_active(identity, {"backbone": model["backbone"], "weights": model["weights"]})
-
-
 # ----- keeping nothing lost ----------------------------------------------------------------------
 
 def images_queue_embedding(*, image_ids: list[int]) -> int:
     """Queue images for embedding in batches; returns how many batches were queued."""
-    from workers.tasks import embed_images
-
     queued = 0
     for start in range(0, len(image_ids), settings.EMBED_BATCH_SIZE):
-        if enqueue(embed_images, image_ids=image_ids[start:start + settings.EMBED_BATCH_SIZE]):
+        if enqueue("embed_images", image_ids=image_ids[start:start + settings.EMBED_BATCH_SIZE]):
             queued += 1
     return queued
 
 
 def images_requeue_stale() -> dict:
     """Queue again images stuck pending or processing (a lost message, a broker outage, a dead worker)."""
-    if _embed_queue_busy():
+    if queue_backlog("embed"):
         return {"requeued": 0}  # work is flowing: queued images are not stale, only waiting
     cutoff = timezone.now() - datetime.timedelta(seconds=settings.STALE_IMAGE_SECONDS)
     stale = list(
@@ -375,18 +286,6 @@ def images_requeue_stale() -> dict:
         ProductImage.objects.filter(id__in=stale).update(updated_at=timezone.now())
         images_queue_embedding(image_ids=stale)
     return {"requeued": len(stale)}
-
-
-def _embed_queue_busy() -> bool:
-    if settings.CELERY_TASK_ALWAYS_EAGER:
-        return False
-    from visualsearch.celery import app
-
-    try:
-        with app.connection_for_read() as connection:
-            return connection.default_channel.queue_declare(queue="embed", passive=True).message_count > 0
-    except Exception:  # the queue does not exist yet, or the broker is down: sweep anyway
-        return False
 
 
 def images_reembed_for_current_model() -> int:
@@ -415,12 +314,12 @@ def index_rebuild() -> dict:
         index = _build_from_database(identity)
         if index is None:
             return {"identity": identity, "indexed": 0, "queued_for_embedding": queued}
-        index.save(index_directory(settings.INDEX_DIR, identity))
-        _writer_indexes[str(index_directory(settings.INDEX_DIR, identity))] = index
+        save_index(index, index_directory(settings.INDEX_DIR, identity))
+        _writer_indexes.put(str(index_directory(settings.INDEX_DIR, identity)), index, stamp=index.version)
         ProductImage.objects.filter(id__in=[int(i) for i in index.ids()]).exclude(status=Status.INDEXED).update(
             status=Status.INDEXED, error="", updated_at=timezone.now()
         )
-        _maybe_activate(_served_model(model))
+        maybe_activate(served_model(model))
     return {"identity": identity, "indexed": len(index), "kind": index.kind, "version": index.version,
             "queued_for_embedding": queued}
 
@@ -437,7 +336,7 @@ def index_verify(*, repair: bool) -> dict:
     report = {"identity": identity, "in_database": len(in_database), "in_index": len(in_index),
               "missing": missing, "orphans": orphans, "repaired": False}
     if repair and (missing or orphans):
-        index_apply(add_ids=missing, remove_ids=orphans, model=_served_model(model))
+        index_apply(add_ids=missing, remove_ids=orphans, model=served_model(model))
         report["repaired"] = True
     if repair:
         report["requeued"] = images_requeue_stale()["requeued"]

@@ -4,7 +4,6 @@ Each searching process holds an IndexReader on the active index; it checks the m
 READER_CHECK_SECONDS and swaps in a new version without blocking searches already running.
 """
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
@@ -12,18 +11,20 @@ import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+from catalog.category_heads import head_predict_categories
 from catalog.models import Category, Product, ProductImage, embedding_from_bytes
-from catalog.pipeline import active_index, get_embedder
+from catalog.process_cache import ProcessCache
 from catalog.selectors import category_descendant_ids
+from catalog.serving import active_index, query_embedder
 from ml.images import ImageDecodeError, decode_image
-from ml.index import IndexFileError, IndexReader, index_directory
+from ml.index import IndexFileError
+from ml.index_store import IndexReader, index_directory
 
 READER_CHECK_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
-_readers: dict[str, IndexReader] = {}
-_readers_lock = threading.Lock()
+_readers: ProcessCache[str, IndexReader] = ProcessCache("index readers")
 
 
 class SearchUnavailable(Exception):
@@ -36,12 +37,9 @@ def index_reader() -> IndexReader:
         log.warning("searching found no active index in %s", settings.INDEX_DIR)
         raise SearchUnavailable("no image has been indexed yet; upload product images and try again")
     directory = index_directory(settings.INDEX_DIR, active["identity"])
-    with _readers_lock:
-        reader = _readers.get(str(directory))
-        if reader is None:
-            reader = IndexReader(directory, expected_identity=active["identity"], check_interval=READER_CHECK_SECONDS)
-            _readers[str(directory)] = reader
-    return reader
+    return _readers.get(str(directory), lambda: IndexReader(
+        directory, expected_identity=active["identity"], check_interval=READER_CHECK_SECONDS,
+    ))
 
 
 def similar_images(vector: np.ndarray, *, k: int, allow_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
@@ -115,13 +113,6 @@ class SearchResult:
     took_ms: int
 
 
-def query_embedder():
-    """The model that embedded the index search serves, so query and catalog vectors are comparable."""
-    active = active_index()
-    spec = {"backbone": active["backbone"], "weights": active["weights"]} if active else None
-    return get_embedder(spec)
-
-
 def _filtered_products(*, category_id: int | None, min_price, max_price):
     if category_id is None and min_price is None and max_price is None:
         return None
@@ -140,8 +131,6 @@ def predict_categories(vector: np.ndarray, *, top: int = 3, neighbours: int = 20
 
     Once a category head is trained for the served model, its calibrated probabilities instead.
     """
-    from catalog.categorizer import head_predict_categories
-
     active = active_index()
     predicted = head_predict_categories(vector, identity=active["identity"], top=top) if active else None
     if predicted is not None:

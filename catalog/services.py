@@ -12,10 +12,12 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils.text import slugify
 
 from catalog.models import Category, Product, ProductImage
+from catalog.pipeline import images_queue_embedding
 from catalog.queue import enqueue, queue_check
 from ml.images import ImageDecodeError, inspect_image
 
@@ -25,6 +27,14 @@ logger = logging.getLogger(__name__)
 # pixels any backbone's preprocessing needs, so what passes here also decodes for the model.
 UPLOAD_CHECK_MIN_SIDE = 256
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+def _save_fields(instance, fields: dict[str, Any]):
+    """Set the checked fields on a row and save it; returns the row."""
+    for name, value in fields.items():
+        setattr(instance, name, value)
+    instance.save()
+    return instance
 
 
 # Categories
@@ -64,10 +74,7 @@ def category_update(*, category: Category, **fields: Any) -> Category:
         _check_parent(category=category, parent=fields["parent"])
     if "slug" in fields and Category.objects.filter(slug=fields["slug"]).exclude(pk=category.pk).exists():
         raise ValidationError({"slug": f"a category with slug {fields['slug']!r} already exists"})
-    for name, value in fields.items():
-        setattr(category, name, value)
-    category.save()
-    return category
+    return _save_fields(category, fields)
 
 
 @transaction.atomic
@@ -156,10 +163,7 @@ def product_update(*, product: Product, **fields: Any) -> Product:
         fields["price"] = _clean_price(fields["price"])
     if "currency" in fields:
         fields["currency"] = fields["currency"].upper()
-    for name, value in fields.items():
-        setattr(product, name, value)
-    product.save()
-    return product
+    return _save_fields(product, fields)
 
 
 @transaction.atomic
@@ -231,18 +235,12 @@ def product_image_delete(*, image: ProductImage) -> None:
 
 
 def _after_image_added(image_id: int) -> None:
-    from catalog.pipeline import images_queue_embedding
-
     images_queue_embedding(image_ids=[image_id])
 
 
 def _after_images_deleted(image_ids: list[int], file_names: list[str]) -> None:
-    from django.core.files.storage import default_storage
-
-    from workers.tasks import index_images
-
     if image_ids:
-        enqueue(index_images, remove_ids=image_ids)
+        enqueue("index_images", remove_ids=image_ids)
 
     still_used = set(ProductImage.objects.filter(file__in=file_names).values_list("file", flat=True))
     for name in file_names:

@@ -1,3 +1,4 @@
+"""The shopper page's URL."""
 from django.urls import path
 
 from catalog import views

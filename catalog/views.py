@@ -1,3 +1,4 @@
+"""The shopper page and uploaded media, each file served as the image type it is."""
 import posixpath
 
 from django.conf import settings

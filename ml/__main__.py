@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.embedder import (
-    BACKBONES,
-    PRECISIONS,
-    PREPROCESS_MODES,
-    Embedder,
-    WeightsError,
-    embed_sources,
-    load_embedder,
-)
+from ml.backbones import BACKBONES
+from ml.bulk import embed_sources
+from ml.embedder import Embedder, load_embedder
 from ml.images import DEFAULT_ALLOWED_FORMATS, ImageDecodeError, decode_image
+from ml.precision import PRECISIONS
+from ml.preprocessing import PREPROCESS_MODES
+from ml.weights import WeightsError
 
 EXIT_USAGE = 2
 PROGRESS_INTERVAL_S = 2.0

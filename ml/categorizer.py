@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.index import atomic_write
+from ml.evaluation import classification_metrics
+from ml.files import atomic_write
 
 DEFAULT_UNSURE_THRESHOLD = 0.5
 RETRAIN_HINT = "retrain the category head for the current model"
@@ -350,42 +351,6 @@ def _groups_by_category(labels, groups) -> tuple[dict, dict]:
     for group in members:  # first-seen order, so the split does not depend on hashing
         by_category[votes[group].most_common(1)[0][0]].append(group)
     return members, by_category
-
-
-def classification_metrics(true_labels, probabilities, categories: list[str]) -> dict:
-    """top1, top5, per-category precision/recall/support and the confusion matrix.
-
-    ``probabilities`` is (n, len(categories)). top-k is the share of examples whose true
-    category is among the k highest; confusion rows are true and columns predicted
-    categories, in ``categories`` order. Precision (recall) is None for a category never
-    predicted (never present).
-    """
-    probabilities = np.asarray(probabilities)
-    index = {c: i for i, c in enumerate(categories)}
-    truth = np.array([index[label] for label in true_labels], dtype=np.int64)
-    n, count = len(truth), len(categories)
-    ranked = np.argsort(-probabilities, axis=1, kind="stable") if n else np.zeros((0, count), dtype=np.int64)
-    predicted = ranked[:, 0] if n else np.zeros(0, dtype=np.int64)
-    confusion = np.zeros((count, count), dtype=np.int64)
-    np.add.at(confusion, (truth, predicted), 1)
-    per_category = {}
-    for i, category in enumerate(categories):
-        hits, support, claimed = int(confusion[i, i]), int(confusion[i].sum()), int(confusion[:, i].sum())
-        per_category[category] = {
-            "precision": hits / claimed if claimed else None,
-            "recall": hits / support if support else None,
-            "support": support,
-        }
-
-    def top(k: int) -> float | None:
-        return float((ranked[:, :k] == truth[:, None]).any(axis=1).mean()) if n else None
-
-    return {
-        "top1": top(1),
-        "top5": top(5),
-        "per_category": per_category,
-        "confusion": {"labels": list(categories), "matrix": confusion.tolist()},
-    }
 
 
 @dataclass(frozen=True)

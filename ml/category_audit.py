@@ -1,8 +1,8 @@
 """Cross-fitted audits of the catalog's own categories: each product judged by a head that never saw it.
 
 A head refitted on every categorized product has learnt that catalog's mistakes too: a mislabelled
-product keeps a high probability for its wrong category (measured on the tuxpaint stamps: 15 products
-given a wrong category kept 0.57-0.88). So the integrity check asks ``FOLDS`` check heads, each fitted
+product keeps a high probability for its wrong category (docs/categorizer.md has the measurement). So the
+integrity check asks ``FOLDS`` check heads, each fitted
 without one fold of products; a product's fold is a function of its id, so a product categorized after
 training is judged out of sample too. The same predictions say how often a top suggestion above a
 threshold is right (``threshold_table``).

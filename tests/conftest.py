@@ -2,9 +2,7 @@
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus" / "images"
@@ -12,19 +10,22 @@ CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus" / "images"
 
 def photo_bytes(name: str = "chelsea", fmt: str = "JPEG", size: tuple[int, int] | None = None) -> bytes:
     """A real photo from scikit-image's bundled data, encoded as `fmt`."""
-    from skimage import data
+    from catalog.demo import skimage_photo  # here: conftest is imported before Django is set up
 
-    pixels = getattr(data, name)()
-    if pixels.dtype == bool:  # a silhouette: True is the white background
-        pixels = pixels.astype(np.uint8) * 255
-    if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3, axis=-1)
-    img = Image.fromarray(pixels[..., :3].astype(np.uint8))
+    img = skimage_photo(name)
     if size:
         img = img.resize(size)
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_directory():
+    """The data directory's folders, as `./scripts/serve` prepares them (settings only read)."""
+    from django.core.management import call_command
+
+    call_command("prepare_data", stdout=io.StringIO())
 
 
 @pytest.fixture
@@ -42,17 +43,15 @@ def offline_model(settings):
 @pytest.fixture
 def isolated_data(settings, tmp_path):
     """Media and index files in a per-test directory, never in the developer's data directory."""
-    from catalog import pipeline, search
+    from catalog import process_cache
 
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.INDEX_DIR = tmp_path / "index"
     settings.CATEGORIZER_DIR = tmp_path / "categorizer"
     settings.REPORTS_DIR = tmp_path / "reports"
-    pipeline._writer_indexes.clear()
-    search._readers.clear()
+    process_cache.clear_all()
     yield tmp_path
-    pipeline._writer_indexes.clear()
-    search._readers.clear()
+    process_cache.clear_all()
 
 
 @pytest.fixture

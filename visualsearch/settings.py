@@ -43,12 +43,13 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+# Settings only read: the data directory and the embedded secret key are created by `manage.py prepare_data`.
 DATA_DIR = Path(env_str("VISUALSEARCH_DATA_DIR", str(BASE_DIR / "data"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+SECRET_KEY_FILE = DATA_DIR / "secret_key"
 
 DATABASE_URL = env_str("DATABASE_URL")
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
-PRODUCTION = bool(DATABASE_URL or CELERY_BROKER_URL)
+BROKER_URL = env_str("CELERY_BROKER_URL")
+PRODUCTION = bool(DATABASE_URL or BROKER_URL)
 
 
 def _secret_key() -> str:
@@ -60,12 +61,12 @@ def _secret_key() -> str:
             "SECRET_KEY must be set in the environment when DATABASE_URL or CELERY_BROKER_URL is set "
             "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(50))')"
         )
-    # Embedded mode keeps a generated key in the data directory so sessions survive restarts.
-    key_file = DATA_DIR / "secret_key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    return key_file.read_text().strip()
+    # Embedded mode keeps a generated key in the data directory (prepare_data writes it) so sessions survive
+    # restarts; before it exists, a process-local key serves.
+    try:
+        return SECRET_KEY_FILE.read_text().strip()
+    except FileNotFoundError:
+        return secrets.token_urlsafe(50)
 
 
 SECRET_KEY = _secret_key()
@@ -85,6 +86,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "catalog",
+    "workers",
 ]
 
 MIDDLEWARE = [
@@ -132,7 +134,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = env_str("REDIS_URL", CELERY_BROKER_URL if CELERY_BROKER_URL.startswith("redis") else "")
+REDIS_URL = env_str("REDIS_URL", BROKER_URL if BROKER_URL.startswith("redis") else "")
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
     if REDIS_URL
@@ -153,7 +155,6 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)
 MEDIA_URL = "/media/"
 MEDIA_ROOT = DATA_DIR / "media"
 STORAGES = {
@@ -227,7 +228,7 @@ SPECTACULAR_SETTINGS = {
 }
 
 # Celery: with no broker, tasks run in-process (eager) so the embedded default works end to end.
-CELERY_BROKER_URL = CELERY_BROKER_URL or "memory://localhost/"
+CELERY_BROKER_URL = BROKER_URL or "memory://localhost/"
 CELERY_TASK_ALWAYS_EAGER = not PRODUCTION or env_bool("VISUALSEARCH_TASKS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = False
 CELERY_TASK_ACKS_LATE = True
@@ -236,18 +237,18 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # embed: model inference (GPU workers in production); index: the single writer of the vector index;
 # default: I/O and bookkeeping. README: one worker command per queue.
+# Tasks are routed by their registered names (workers/tasks.py).
 CELERY_TASK_ROUTES = {
-    "workers.tasks.embed_images": {"queue": "embed"},
-    "workers.tasks.index_images": {"queue": "index"},
-    "workers.tasks.*": {"queue": "default"},
+    "embed_images": {"queue": "embed"},
+    "index_images": {"queue": "index"},
 }
 CELERY_BEAT_SCHEDULE = {
     "requeue-stale-images": {
-        "task": "workers.tasks.requeue_stale_images",
+        "task": "requeue_stale_images",
         "schedule": float(env_int("VISUALSEARCH_SWEEP_SECONDS", 30)),
     },
     "refresh-ingest-jobs": {
-        "task": "workers.tasks.refresh_ingest_jobs",
+        "task": "refresh_ingest_jobs",
         "schedule": float(env_int("VISUALSEARCH_INGEST_SWEEP_SECONDS", 2)),
     },
 }

@@ -6,8 +6,9 @@ from rest_framework.views import APIView
 
 from catalog.api.permissions import IsStaff
 from catalog.api.schema import ERROR, UNAVAILABLE
-from catalog.categorizer import categorizer_status, categorizer_train_start, suggestions_apply
+from catalog.categorizer import categorizer_status, categorizer_train_start
 from catalog.models import CategorizerVersion
+from catalog.suggestions import suggestions_apply
 
 
 class CategoryMetrics(serializers.Serializer):

@@ -8,6 +8,8 @@ from rest_framework import exceptions
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from catalog.queue import QueueUnavailable
+
 logger = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = "the database is unavailable right now; try again in a minute"
@@ -31,8 +33,6 @@ class ServiceUnavailable(exceptions.APIException):
 
 
 def exception_handler(exc, context):
-    from catalog.queue import QueueUnavailable
-
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(detail=as_serializer_error(exc))
     if isinstance(exc, QueueUnavailable):

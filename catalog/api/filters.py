@@ -1,3 +1,4 @@
+"""Product list filters, strict about what they accept."""
 import django_filters
 from django import forms
 from django.db.models import Q

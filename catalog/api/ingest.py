@@ -10,7 +10,9 @@ from rest_framework.views import APIView
 
 from catalog.api.permissions import IsStaff
 from catalog.api.schema import ERROR, UNAVAILABLE
-from catalog.ingest import COLUMNS, ingest_job_create, ingest_job_current, ingest_job_errors, ingest_job_report
+from catalog.ingest import ingest_job_create, ingest_job_current, ingest_job_errors
+from catalog.ingest_report import ingest_job_report
+from catalog.manifest import COLUMNS
 from catalog.models import IngestJob
 
 

@@ -1,3 +1,4 @@
+"""Page-number pagination with a bounded, validated page size."""
 from rest_framework import pagination
 from rest_framework.exceptions import ValidationError
 

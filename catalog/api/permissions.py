@@ -1,3 +1,4 @@
+"""Who may do what: anyone reads, staff write."""
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 

@@ -1,3 +1,4 @@
+"""Rate limits per client that fail open when their counters are unreachable."""
 import logging
 
 from redis.exceptions import RedisError

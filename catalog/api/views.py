@@ -1,6 +1,6 @@
 """Catalog API: thin views. Each validates input, calls a service or selector, and serializes the result."""
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import generics, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
@@ -21,6 +21,22 @@ from catalog.api.throttling import ScopedRateThrottleFailOpen
 from catalog.models import Category, Product, ProductImage
 
 
+class ReplaceOrChange:
+    """PUT replaces the fields given in full, PATCH changes only those given: both through the view's `_update`."""
+
+    def put(self, request, pk: int):
+        return self._update(request, pk, partial=False)
+
+    def patch(self, request, pk: int):
+        return self._update(request, pk, partial=True)
+
+
+def _updates(input_serializer, output_serializer):
+    """The schema of a ReplaceOrChange view's PUT and PATCH."""
+    update = extend_schema(request=input_serializer, responses={200: output_serializer, 400: ERROR})
+    return extend_schema_view(put=update, patch=update)
+
+
 class CategoryListCreateApi(APIView):
     @extend_schema(responses=CategoryOutput(many=True))
     def get(self, request):
@@ -34,7 +50,8 @@ class CategoryListCreateApi(APIView):
         return Response(CategoryOutput(category).data, status=status.HTTP_201_CREATED)
 
 
-class CategoryDetailApi(APIView):
+@_updates(CategoryInput, CategoryOutput)
+class CategoryDetailApi(ReplaceOrChange, APIView):
     @extend_schema(responses=CategoryOutput)
     def get(self, request, pk: int):
         return Response(CategoryOutput(get_object_or_404(Category, pk=pk)).data)
@@ -45,14 +62,6 @@ class CategoryDetailApi(APIView):
         data.is_valid(raise_exception=True)
         category = services.category_update(category=category, **data.validated_data)
         return Response(CategoryOutput(category).data)
-
-    @extend_schema(request=CategoryInput, responses={200: CategoryOutput, 400: ERROR})
-    def put(self, request, pk: int):
-        return self._update(request, pk, partial=False)
-
-    @extend_schema(request=CategoryInput, responses={200: CategoryOutput, 400: ERROR})
-    def patch(self, request, pk: int):
-        return self._update(request, pk, partial=True)
 
     @extend_schema(responses={204: None, 400: ERROR})
     def delete(self, request, pk: int):
@@ -75,7 +84,8 @@ class ProductListCreateApi(generics.ListAPIView):
         return Response(self.get_serializer(product).data, status=status.HTTP_201_CREATED)
 
 
-class ProductDetailApi(APIView):
+@_updates(ProductInput, ProductOutput)
+class ProductDetailApi(ReplaceOrChange, APIView):
     def _get(self, pk: int) -> Product:
         return get_object_or_404(selectors.product_list(), pk=pk)
 
@@ -89,14 +99,6 @@ class ProductDetailApi(APIView):
         data.is_valid(raise_exception=True)
         services.product_update(product=product, **data.validated_data)
         return Response(ProductOutput(self._get(pk), context={"request": request}).data)
-
-    @extend_schema(request=ProductInput, responses={200: ProductOutput, 400: ERROR})
-    def put(self, request, pk: int):
-        return self._update(request, pk, partial=False)
-
-    @extend_schema(request=ProductInput, responses={200: ProductOutput, 400: ERROR})
-    def patch(self, request, pk: int):
-        return self._update(request, pk, partial=True)
 
     @extend_schema(responses={204: None})
     def delete(self, request, pk: int):

@@ -21,9 +21,9 @@ from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
-from catalog import ingest, pipeline, search, services
+from catalog import ingest, ingest_report, pipeline, search, services
 from catalog.models import Category, IngestJob, IngestRow, Product, ProductImage
-from tests.catalog.test_ingest import make_csv, make_zip, post_job, run_job
+from tests.catalog.ingest_files import make_csv, make_zip, post_job, run_job
 from tests.conftest import CORPUS_DIR, photo_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -73,6 +73,7 @@ def deferred_embedding(monkeypatch):
         return 1
 
     monkeypatch.setattr(pipeline, "images_queue_embedding", record)
+    monkeypatch.setattr(services, "images_queue_embedding", record)
     monkeypatch.setattr(ingest, "images_queue_embedding", record)
     return queued
 
@@ -717,7 +718,7 @@ def test_a_job_that_failed_as_a_whole_has_its_reason_in_the_report(staff, isolat
      ("plain", "plain"), ("", ""), ("1-2", "1-2"), ("a=b", "a=b"), ("'=1", "'=1")],
 )
 def test_spreadsheet_cells(value, cell):
-    assert ingest.spreadsheet_cell(value) == cell
+    assert ingest_report.spreadsheet_cell(value) == cell
 
 
 # ----- the admin ---------------------------------------------------------------------------------

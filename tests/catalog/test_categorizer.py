@@ -12,7 +12,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from PIL import Image
 
-from catalog import categorizer, pipeline, services
+from catalog import categorizer, category_heads, pipeline, services
+from catalog import suggestions as suggestions_service
 from catalog.models import CategorizerVersion, CategoryPrediction, Product, ProductImage
 from tests.conftest import photo_bytes
 
@@ -24,9 +25,7 @@ PRODUCTS_PER_CATEGORY = 3
 
 @pytest.fixture(autouse=True)
 def _offline_model(offline_model, isolated_data):
-    categorizer._loaded.clear()
-    yield
-    categorizer._loaded.clear()
+    pass
 
 
 def variant(name: str, n: int) -> bytes:
@@ -114,7 +113,7 @@ def test_uncategorized_products_get_suggestions_best_first(trained, anon):
     expected = {"chelsea": "animals/cats", "coffee": "drinks", "rocket": "vehicles/rockets"}
     for name, product in trained["unknown"].items():
         shown = suggestions(anon, product)
-        assert 1 <= len(shown) <= categorizer.SUGGESTIONS_PER_PRODUCT
+        assert 1 <= len(shown) <= suggestions_service.SUGGESTIONS_PER_PRODUCT
         assert [s["score"] for s in shown] == sorted((s["score"] for s in shown), reverse=True)
         assert shown[0]["category"]["path"] == expected[name]
         assert shown[0]["status"] == "suggested" and shown[0]["score"] > 0.5
@@ -223,7 +222,7 @@ def test_search_predicts_categories_with_the_head(trained, anon):
     predicted = response.json()["predicted_categories"]
     assert predicted[0]["category"]["path"] == "vehicles/rockets"
     vector = np.mean([image.vector() for image in product.images.all()], axis=0)
-    head = categorizer.current_head(identity=product.images.first().model_identity)
+    head = category_heads.current_head(identity=product.images.first().model_identity)
     expected = head.predict_one(vector / np.linalg.norm(vector), k=3).choices
     assert [p["score"] for p in predicted] == [round(score, 4) for _, score in expected]
 
@@ -260,7 +259,7 @@ def test_review_queue_shows_thumbnails_and_accepts_and_rejects_in_bulk(trained, 
     coffee.refresh_from_db()
     assert coffee.category is None
     # A rejected category is not suggested again for that product.
-    categorizer.suggestions_refresh()
+    suggestions_service.suggestions_refresh()
     rejected = {p.category_id for p in coffee_suggestions}
     assert {s["category"]["id"] for s in suggestions(anon, coffee)}.isdisjoint(rejected)
 

@@ -1,5 +1,4 @@
 """Bulk ingest jobs on the embedded default: the API, the admin and the command, with tasks in-process."""
-import csv
 import io
 import json
 import socket
@@ -10,7 +9,6 @@ from decimal import Decimal
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.http import HttpResponse
 from django.test import RequestFactory
@@ -19,49 +17,14 @@ from catalog import ingest
 from catalog.middleware import RequestBodyLimitMiddleware
 from catalog.models import Category, IngestJob, IngestRow, Product, ProductImage
 from catalog.queue import QueueUnavailable
-from tests.catalog.test_search_api import image_server  # noqa: F401 (a fixture)
+from tests.catalog.ingest_files import make_csv, make_zip, post_job, run_job
 from workers import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-HEADER = ["sku", "title", "image", "category", "price", "description"]
-
-
 @pytest.fixture(autouse=True)
 def _offline_model(offline_model):
     pass
-
-
-def make_zip(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
-
-
-def make_csv(rows: list[list[str]], header: list[str] = HEADER) -> bytes:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
-def post_job(client, manifest: bytes, archive: bytes | None = None, name: str = "products.csv"):
-    body = {"manifest": SimpleUploadedFile(name, manifest)}
-    if archive is not None:
-        body["archive"] = SimpleUploadedFile("images.zip", archive)
-    return client.post("/api/ingest-jobs/", body, format="multipart")
-
-
-def run_job(client, manifest: bytes, archive: bytes | None = None, name: str = "products.csv") -> dict:
-    response = post_job(client, manifest, archive, name)
-    assert response.status_code == 202, response.content
-    assert set(response.json()) == {"id", "status"}
-    job = client.get(f"/api/ingest-jobs/{response.json()['id']}/")
-    assert job.status_code == 200
-    return job.json()
 
 
 @pytest.fixture
@@ -150,7 +113,7 @@ def test_a_bad_row_fails_alone_with_a_readable_error(staff, images, settings, ph
     assert Product.objects.get(sku="OK-2").category.path == "misc/new"  # made again after NOISE-1's rolled back
 
 
-def test_images_given_by_url_are_fetched_safely(staff, image_server, settings):  # noqa: F811
+def test_images_given_by_url_are_fetched_safely(staff, image_server, settings):
     manifest = make_csv([
         ["WEB-1", "From the web", f"{image_server}/moved", "", "", ""],
         ["WEB-2", "Not found", f"{image_server}/nothing.jpg", "", "", ""],

@@ -25,10 +25,22 @@ def manage(*args: str, env: dict[str, str], tmp_path: Path) -> subprocess.Comple
     )
 
 
-def test_embedded_default_needs_no_environment(tmp_path):
+def test_embedded_default_needs_no_environment_and_reading_settings_writes_nothing(tmp_path):
     result = manage("check", env={}, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "data" / "secret_key").exists()
+    assert not (tmp_path / "data").exists()
+
+
+def test_prepare_data_creates_the_data_directory_and_a_secret_key_that_later_processes_read(tmp_path):
+    assert manage("prepare_data", env={}, tmp_path=tmp_path).returncode == 0
+    key_file = tmp_path / "data" / "secret_key"
+    key = key_file.read_text()
+    assert len(key) > 40 and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert manage("prepare_data", env={}, tmp_path=tmp_path).returncode == 0
+    assert key_file.read_text() == key  # kept, so sessions survive restarts
+    shown = manage("shell", "-c", "from django.conf import settings; print(settings.SECRET_KEY)", env={},
+                   tmp_path=tmp_path)
+    assert shown.stdout.strip().splitlines()[-1] == key
 
 
 def test_production_refuses_to_start_without_secret_key(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ml import embedder as embedder_module
+from ml import weights
 from ml.__main__ import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def test_embed_a_folder_writes_vectors_paths_and_a_json_summary(tmp_path):
     assert summary["images"] == 3 and summary["failed"] == 1
     assert summary["backbone"] == "efficientnet_lite0" and summary["dim"] == 1280
     assert summary["identity"].startswith("efficientnet_lite0:")
-    assert summary["precision"] in ("fp32", "bf16")
+    assert summary["precision"] == ("fp16" if summary["device"].startswith("cuda") else "fp32")  # what auto means
     assert summary["seconds"] > 0 and summary["images_per_s"] > 0
     assert "broken.jpg" in result.stderr
     vectors = np.load(out)
@@ -78,8 +78,8 @@ def test_embed_a_folder_writes_vectors_paths_and_a_json_summary(tmp_path):
 
 def test_unavailable_resnet_weights_exit_2_saying_where_to_put_them(chelsea_jpeg, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(embedder_module, "RESNET50_URL", "http://10.255.255.1/models/resnet50-11ad3fa6.pth")
-    monkeypatch.setattr(embedder_module, "DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(weights, "RESNET50_URL", "http://10.255.255.1/models/resnet50-11ad3fa6.pth")
+    monkeypatch.setattr(weights, "DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
 
     code = main(["classify", str(chelsea_jpeg)])
 

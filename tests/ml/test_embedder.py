@@ -11,7 +11,6 @@ import hashlib
 import logging
 import re
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,20 +18,17 @@ import torch
 from PIL import Image
 from skimage import data
 
-from ml import embedder as embedder_module
-from ml.embedder import (
+from ml import onnx_engine, weights
+from ml.backbones import fold_batch_norms, imagenet_categories
+from ml.embedder import EmbedResult, ModelIdentity, load_embedder
+from ml.evaluation import AGREEMENT_BAR, neighbour_overlap
+from ml.precision import resolve_precision
+from ml.weights import (
     RESNET50_WEIGHTS,
-    EmbedResult,
-    ModelIdentity,
     WeightsError,
     WeightsUnavailableError,
     efficientnet_pytorch_to_timm,
-    fold_batch_norms,
-    imagenet_categories,
-    load_embedder,
-    neighbour_overlap,
     resnet50_cache_file,
-    resolve_precision,
 )
 
 DOMESTIC_CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
@@ -97,8 +93,8 @@ def images():
 def offline_torch_home(tmp_path, monkeypatch):
     """An empty torch cache, and a download address that never answers (no real download, no hang)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(embedder_module, "RESNET50_URL", UNREACHABLE_URL)
-    monkeypatch.setattr(embedder_module, "DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(weights, "RESNET50_URL", UNREACHABLE_URL)
+    monkeypatch.setattr(weights, "DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
     return tmp_path
 
 
@@ -275,15 +271,12 @@ def test_pad_keeps_the_whole_product_on_white(effnet_random, effnet_centre_crop)
     assert cropped[2, 112, 5] < 100  # centre crop lost it
 
 
-def test_auto_precision_keeps_the_top10_neighbours_of_fp32(effnet_imagenet, effnet_imagenet_fp32):
-    """What "auto" promises: the same neighbours as fp32 (>= 0.98 of the top-10)."""
-    images = crops(24)
-    fp32 = effnet_imagenet_fp32.embed(images).vectors
-
-    auto = effnet_imagenet.embed(images).vectors
-
-    assert neighbour_overlap(auto, fp32) >= 0.98
-    assert effnet_imagenet.precision in ("fp32", "bf16")
+def test_auto_precision_is_fp32_on_the_cpu_and_fp16_on_cuda(effnet_imagenet):
+    """What "auto" must mean on each device: fp32 on a CPU (bf16 misses the agreement bar), fp16 on CUDA."""
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", torch.device("cuda:1")) == "fp16"
+    assert (effnet_imagenet.device.type, effnet_imagenet.precision) == ("cpu", "fp32")
 
 
 def test_fp16_which_auto_picks_on_cuda_keeps_the_top10_neighbours_of_fp32(effnet_imagenet_fp32):
@@ -293,9 +286,7 @@ def test_fp16_which_auto_picks_on_cuda_keeps_the_top10_neighbours_of_fp32(effnet
 
     overlap = neighbour_overlap(fp16.embed(images).vectors, effnet_imagenet_fp32.embed(images).vectors)
 
-    assert overlap >= 0.98
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert overlap >= AGREEMENT_BAR
 
 
 def test_bf16_when_asked_gives_close_vectors_and_labels(effnet_imagenet_fp32):
@@ -310,11 +301,10 @@ def test_bf16_when_asked_gives_close_vectors_and_labels(effnet_imagenet_fp32):
         assert reduced_labels[0][0] in [name for name, _ in full_labels[:3]]
 
 
+@pytest.mark.timeout(60)  # giving up on the network must not hang
 def test_unavailable_resnet_weights_say_where_to_put_the_file(offline_torch_home):
-    started = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as raised:
         load_embedder("resnet50", "imagenet")
-    elapsed = time.monotonic() - started
 
     message = str(raised.value)
     cache = offline_torch_home / "hub" / "checkpoints"
@@ -322,7 +312,6 @@ def test_unavailable_resnet_weights_say_where_to_put_the_file(offline_torch_home
     assert f"{cache}/" in message and str(cache / "resnet50-11ad3fa6.pth") in message
     assert UNREACHABLE_URL in message
     assert "--weights" in message and "efficientnet_lite0" in message
-    assert elapsed < 10, f"giving up on the network took {elapsed:.1f} s"
 
 
 def test_a_damaged_cached_file_is_refused_with_what_to_do(offline_torch_home):
@@ -369,14 +358,14 @@ def test_fp32_on_the_cpu_runs_in_onnx_runtime_with_pytorchs_vectors_and_labels(e
 def test_the_exported_graph_is_reused_by_later_loads(tmp_path, monkeypatch, images):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     first = load_embedder("efficientnet_lite0", "random")
-    assert [path.name for path in embedder_module.onnx_cache_dir().iterdir()] == [
+    assert [path.name for path in onnx_engine.onnx_cache_dir().iterdir()] == [
         f"efficientnet_lite0-{first.identity.weights_sha256[:16]}-torch{torch.__version__}.onnx"
     ]
 
     def no_export(*args):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(embedder_module, "_export_onnx", no_export)
+    monkeypatch.setattr(onnx_engine, "_export_onnx", no_export)
     second = load_embedder("efficientnet_lite0", "random")
 
     assert second.engine == "onnxruntime"
@@ -386,7 +375,7 @@ def test_the_exported_graph_is_reused_by_later_loads(tmp_path, monkeypatch, imag
 def test_without_onnx_runtime_fp32_runs_in_pytorch_with_a_warning(monkeypatch, caplog, images):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
 
-    with caplog.at_level(logging.WARNING, logger="ml.embedder"):
+    with caplog.at_level(logging.WARNING, logger="ml.onnx_engine"):
         embedder = load_embedder("efficientnet_lite0", "random")
 
     assert embedder.engine == "torch"

@@ -7,18 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
-import ml.index
-from ml.index import (
-    APPROXIMATE,
-    FLAT,
-    DuplicateIdError,
-    IndexFileError,
-    IndexReader,
-    VectorIndex,
-    build_index,
-    measure_recall,
-    read_manifest,
-)
+import ml.files
+import ml.index_store
+from ml.index import APPROXIMATE, FLAT, DuplicateIdError, IndexFileError, VectorIndex
+from ml.index_build import build_index, measure_recall
+from ml.index_store import IndexReader, load_index, read_manifest, save_index
 
 IDENTITY = "resnet50:1a2b3c4d5e6f"
 DIM = 64
@@ -210,7 +203,7 @@ def test_approximate_index_is_chosen_above_the_threshold_and_recalls(approximate
     rng = np.random.default_rng(5)  # new photos: catalog vectors moved a little
     fresh_queries = vectors[rng.choice(3000, 100)] + 0.02 * rng.standard_normal((100, APPROX_DIM)).astype(np.float32)
     assert measure_recall(approximate, fresh_queries, 10, ids=ids, vectors=vectors) >= 0.9
-    assert approximate.save(tmp_path)["recall_at_10"] == approximate.recall_at_10
+    assert save_index(approximate, tmp_path)["recall_at_10"] == approximate.recall_at_10
     assert build_index(ids[:900], vectors[:900], IDENTITY, exact_threshold=1000).kind == FLAT
 
 
@@ -242,11 +235,11 @@ def test_needs_rebuild_when_a_flat_index_outgrows_its_threshold():
 
 def test_save_and_load_round_trip_flat(flat, tmp_path):
     index, vectors = flat
-    manifest = index.save(tmp_path)
+    manifest = save_index(index, tmp_path)
     assert manifest["version"] == 1 and manifest["count"] == 500 and manifest["identity"] == IDENTITY
     assert manifest["kind"] == FLAT and manifest["recall_at_10"] is None
     assert (tmp_path / manifest["file"]).stat().st_size == manifest["size"]
-    loaded = VectorIndex.load(tmp_path, expected_identity=IDENTITY)
+    loaded = load_index(tmp_path, expected_identity=IDENTITY)
     assert loaded.version == 1 and len(loaded) == 500
     for a, b in zip(index.search(vectors[:30], 10), loaded.search(vectors[:30], 10)):
         np.testing.assert_array_equal(a, b)
@@ -254,8 +247,8 @@ def test_save_and_load_round_trip_flat(flat, tmp_path):
 
 def test_save_and_load_round_trip_approximate(approximate, approximate_data, tmp_path):
     _, vectors = approximate_data
-    approximate.save(tmp_path)
-    loaded = VectorIndex.load(tmp_path)
+    save_index(approximate, tmp_path)
+    loaded = load_index(tmp_path)
     assert loaded.kind == APPROXIMATE and loaded.nprobe == approximate.nprobe
     for allow in (None, approximate.ids()[::3]):
         expected = approximate.search(vectors[:30], 10, allow_ids=allow)
@@ -268,30 +261,30 @@ def published_file(directory):
 
 
 def test_corrupt_file_is_refused(flat, tmp_path):
-    flat[0].save(tmp_path)
+    save_index(flat[0], tmp_path)
     path = published_file(tmp_path)
     data = bytearray(path.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8])
     path.write_bytes(bytes(data))
     with pytest.raises(IndexFileError, match=r"corrupt \(sha256 mismatch\).*manage.py reindex"):
-        VectorIndex.load(tmp_path)
+        load_index(tmp_path)
 
 
 def test_truncated_file_is_refused(flat, tmp_path):
-    flat[0].save(tmp_path)
+    save_index(flat[0], tmp_path)
     path = published_file(tmp_path)
     os.truncate(path, path.stat().st_size // 3)
     with pytest.raises(IndexFileError, match="truncated"):
-        VectorIndex.load(tmp_path)
+        load_index(tmp_path)
 
 
 def test_unreadable_file_matching_its_manifest_is_refused(flat, tmp_path):
-    flat[0].save(tmp_path)
+    save_index(flat[0], tmp_path)
     path = published_file(tmp_path)
     path.write_bytes(b"not an index at all")
     rewrite_manifest(tmp_path, size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     with pytest.raises(IndexFileError, match="corrupt"):
-        VectorIndex.load(tmp_path)
+        load_index(tmp_path)
 
 
 def rewrite_manifest(directory, **changes):
@@ -301,48 +294,48 @@ def rewrite_manifest(directory, **changes):
 
 
 def test_identity_mismatch_is_refused(flat, tmp_path):
-    flat[0].save(tmp_path)
+    save_index(flat[0], tmp_path)
     with pytest.raises(IndexFileError, match="efficientnet_lite0:0011"):
-        VectorIndex.load(tmp_path, expected_identity="efficientnet_lite0:0011")
+        load_index(tmp_path, expected_identity="efficientnet_lite0:0011")
     rewrite_manifest(tmp_path, identity="efficientnet_lite0:0011")
     with pytest.raises(IndexFileError, match="does not match"):
-        VectorIndex.load(tmp_path, expected_identity="efficientnet_lite0:0011")
+        load_index(tmp_path, expected_identity="efficientnet_lite0:0011")
 
 
 def test_dimension_mismatch_is_refused(flat, tmp_path):
-    flat[0].save(tmp_path)
+    save_index(flat[0], tmp_path)
     rewrite_manifest(tmp_path, dimension=2048)
     with pytest.raises(IndexFileError, match="dimension is 64 in the file and 2048 in the manifest"):
-        VectorIndex.load(tmp_path)
+        load_index(tmp_path)
 
 
 def test_manifest_naming_another_version_is_refused(flat, tmp_path):
     index, vectors = flat
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     first = read_manifest(tmp_path)
     index.remove(image_ids(500)[:5])
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     rewrite_manifest(tmp_path, file=first["file"], sha256=first["sha256"], size=first["size"])
     with pytest.raises(IndexFileError, match="does not match .*manifest.json: count is 500 in the file and 495"):
-        VectorIndex.load(tmp_path)
+        load_index(tmp_path)
 
 
 def test_missing_index_has_an_actionable_error(tmp_path):
     with pytest.raises(IndexFileError, match="no index has been published.*manage.py reindex"):
-        VectorIndex.load(tmp_path)
+        load_index(tmp_path)
 
 
 def test_one_directory_holds_one_model_identity(flat, tmp_path):
-    flat[0].save(tmp_path)
+    save_index(flat[0], tmp_path)
     other = VectorIndex("efficientnet_lite0:0011", DIM)
     with pytest.raises(IndexFileError, match="own index directory"):
-        other.save(tmp_path)
+        save_index(other, tmp_path)
     assert read_manifest(tmp_path)["identity"] == IDENTITY
 
 
 def test_versions_increase_and_only_the_last_two_are_kept(flat, tmp_path):
     index, _ = flat
-    versions = [index.save(tmp_path, grace_seconds=0)["version"] for _ in range(4)]
+    versions = [save_index(index, tmp_path, grace_seconds=0)["version"] for _ in range(4)]
     assert versions == [1, 2, 3, 4]
     assert sorted(p.name for p in tmp_path.glob("index-*")) == ["index-00000003.vsi", "index-00000004.vsi"]
 
@@ -350,21 +343,21 @@ def test_versions_increase_and_only_the_last_two_are_kept(flat, tmp_path):
 def test_old_versions_survive_their_grace_period(flat, tmp_path):
     index, _ = flat
     for _ in range(3):
-        index.save(tmp_path, grace_seconds=3600)
+        save_index(index, tmp_path, grace_seconds=3600)
     assert len(list(tmp_path.glob("index-*.vsi"))) == 3
 
 
 def test_a_failed_write_publishes_nothing_and_leaves_no_temporary_file(flat, tmp_path, monkeypatch):
     index, vectors = flat
-    index.save(tmp_path)
+    save_index(index, tmp_path)
 
     def fail(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ml.index.faiss, "write_index", fail)
+    monkeypatch.setattr(ml.index_store.faiss, "write_index", fail)
     index.remove(image_ids(500)[:1])
     with pytest.raises(OSError, match="No space"):
-        index.save(tmp_path)
+        save_index(index, tmp_path)
     assert read_manifest(tmp_path)["version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "index-00000001.vsi", "manifest.json"]
 
@@ -376,7 +369,7 @@ def arm_crash(point):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "mid-write":
-        write = ml.index._HashingWriter.write
+        write = ml.files._HashingWriter.write
 
         def write_then_die(self, data):
             if self.size > 4096:
@@ -384,7 +377,7 @@ def arm_crash(point):
                 die()
             return write(self, data)
 
-        ml.index._HashingWriter.write = write_then_die
+        ml.files._HashingWriter.write = write_then_die
     else:
         replace = os.replace
         target = ".vsi" if point == "before-rename" else "manifest.json"
@@ -400,7 +393,7 @@ def arm_crash(point):
 @pytest.mark.parametrize("point", ["mid-write", "before-rename", "before-manifest"])
 def test_a_writer_killed_while_publishing_leaves_the_previous_version(flat, tmp_path, point):
     index, vectors = flat
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     before = index.search(vectors[:10], 5)
     replacement = VectorIndex(IDENTITY, DIM)
     replacement.add(image_ids(300, start=50_000), catalog_vectors(300, DIM, seed=9))
@@ -411,7 +404,7 @@ def test_a_writer_killed_while_publishing_leaves_the_previous_version(flat, tmp_
     if pid == 0:
         try:
             arm_crash(point)
-            replacement.save(tmp_path)
+            save_index(replacement, tmp_path)
         finally:
             os._exit(3)  # reached only if the crash did not happen
     _, status = os.waitpid(pid, 0)
@@ -419,12 +412,12 @@ def test_a_writer_killed_while_publishing_leaves_the_previous_version(flat, tmp_
 
     manifest = read_manifest(tmp_path)
     assert manifest["version"] == 1 and manifest["file"] == "index-00000001.vsi"
-    loaded = VectorIndex.load(tmp_path)
+    loaded = load_index(tmp_path)
     for a, b in zip(before, loaded.search(vectors[:10], 5)):
         np.testing.assert_array_equal(a, b)
 
-    assert replacement.save(tmp_path)["version"] >= 2  # the next publish goes through
-    assert VectorIndex.load(tmp_path).contains(50_000)
+    assert save_index(replacement, tmp_path)["version"] >= 2  # the next publish goes through
+    assert load_index(tmp_path).contains(50_000)
 
 
 # ----- reading published versions ---------------------------------------------------------
@@ -432,13 +425,13 @@ def test_a_writer_killed_while_publishing_leaves_the_previous_version(flat, tmp_
 
 def test_reader_picks_up_a_new_version_and_keeps_the_old_object_usable(flat, tmp_path):
     index, vectors = flat
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     reader = IndexReader(tmp_path, expected_identity=IDENTITY, check_interval=0)
     first = reader.current()
     assert first.version == 1 and reader.current() is first, "no reload without a new version"
 
     index.upsert(image_ids(1, start=77), vectors[:1])
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     second = reader.current()
     assert second.version == 2 and second.contains(77)
     assert not first.contains(77) and first.search(vectors[:1], 1)[1][0, 0] == image_ids(500)[0]
@@ -446,14 +439,14 @@ def test_reader_picks_up_a_new_version_and_keeps_the_old_object_usable(flat, tmp
 
 def test_reader_keeps_serving_when_a_new_version_is_corrupt(flat, tmp_path):
     index, _ = flat
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     reader = IndexReader(tmp_path, check_interval=0)
     assert reader.current().version == 1
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     path = published_file(tmp_path)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     assert reader.current().version == 1
-    index.save(tmp_path)
+    save_index(index, tmp_path)
     assert reader.current().version == 3
 
 

@@ -12,11 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from django.conf import settings
 from django.db import connection
 
-from catalog import pipeline
+from catalog import serving
 from catalog.models import ProductImage
-from ml.index import VectorIndex, index_directory
+from ml.index_store import index_directory, load_index
 from tests.conftest import REPO_ROOT
 
 
@@ -102,8 +103,8 @@ def indexed_count() -> int:
 
 
 def published_ids() -> list[int]:
-    active = pipeline.active_index()
-    index = VectorIndex.load(index_directory(pipeline.settings.INDEX_DIR, active["identity"]))
+    active = serving.active_index()
+    index = load_index(index_directory(settings.INDEX_DIR, active["identity"]))
     return [int(i) for i in index.ids()]
 
 

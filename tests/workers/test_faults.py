@@ -12,10 +12,10 @@ import requests
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.authtoken.models import Token
 
-from catalog import pipeline
+from catalog import serving
 from catalog.api.errors import DATABASE_UNAVAILABLE
 from catalog.models import ProductImage
-from ml.index import index_directory, read_manifest
+from ml.index_store import index_directory, read_manifest
 from tests.conftest import REPO_ROOT
 from tests.workers.live import (
     PrivatePostgres,
@@ -225,7 +225,7 @@ def test_a_full_index_disk_keeps_the_published_index_and_recovers_when_space_is_
 
     first = [upload(data) for data in images[:3]]
     wait_until(lambda: indexed_count() == 3, 90, "the first images indexed", workers)
-    directory = index_directory(small_index_disk, pipeline.active_index()["identity"])
+    directory = index_directory(small_index_disk, serving.active_index()["identity"])
     published = read_manifest(directory)
 
     filler = fill(small_index_disk)

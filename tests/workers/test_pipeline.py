@@ -6,14 +6,15 @@ import os
 
 import numpy as np
 import pytest
+from django.conf import settings
 from django.core.files.storage import default_storage
 from django.core.management import call_command
 from django.db import OperationalError
 
-import ml.index
-from catalog import pipeline, search, services
+import ml.index_store
+from catalog import pipeline, process_cache, search, services, serving
 from catalog.models import ProductImage
-from ml.index import VectorIndex, index_directory
+from ml.index_store import index_directory, load_index, save_index
 from workers.tasks import embed_images
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -32,8 +33,8 @@ def add_product(sku, photo_bytes, category=None):
 
 
 def published_ids() -> set[int]:
-    active = pipeline.active_index()
-    index = VectorIndex.load(index_directory(pipeline.settings.INDEX_DIR, active["identity"]))
+    active = serving.active_index()
+    index = load_index(index_directory(settings.INDEX_DIR, active["identity"]))
     ids = [int(i) for i in index.ids()]
     assert len(ids) == len(set(ids)), "duplicate vectors in the index"
     return set(ids)
@@ -100,7 +101,7 @@ def test_a_publish_refused_by_a_full_disk_keeps_the_last_version_and_its_retry_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patched:
-        patched.setattr(ml.index, "atomic_write", disk_full)
+        patched.setattr(ml.index_store, "atomic_write", disk_full)
         with pytest.raises(OSError, match="No space left on device"):
             pipeline.index_apply(add_ids=[], remove_ids=[cat.pk])  # the image was deleted
     assert published_ids() == {cat.pk, coffee.pk}  # the published version still serves, whole
@@ -135,10 +136,10 @@ def test_a_new_version_is_searchable_without_a_restart(photo):
 def test_reindex_rebuilds_from_the_database(photo, isolated_data):
     _, cat = add_product("CAT", photo("chelsea"))
     _, coffee = add_product("COFFEE", photo("coffee"))
-    directory = index_directory(isolated_data / "index", pipeline.active_index()["identity"])
+    directory = index_directory(isolated_data / "index", serving.active_index()["identity"])
     for path in directory.iterdir():
         path.unlink()
-    pipeline._writer_indexes.clear()
+    process_cache.clear_all()
     call_command("reindex")
     assert published_ids() == {cat.pk, coffee.pk}
 
@@ -146,12 +147,12 @@ def test_reindex_rebuilds_from_the_database(photo, isolated_data):
 def test_reindex_verify_reports_and_repairs(photo, capsys):
     _, cat = add_product("CAT", photo("chelsea"))
     _, coffee = add_product("COFFEE", photo("coffee"))
-    identity = pipeline.active_index()["identity"]
-    directory = index_directory(pipeline.settings.INDEX_DIR, identity)
-    damaged = VectorIndex.load(directory)
+    identity = serving.active_index()["identity"]
+    directory = index_directory(settings.INDEX_DIR, identity)
+    damaged = load_index(directory)
     damaged.remove(np.array([coffee.pk]))
     damaged.add(np.array([999_999]), cat.vector().reshape(1, -1))
-    damaged.save(directory)
+    save_index(damaged, directory)
 
     call_command("reindex", "--verify", "--dry-run")
     out = capsys.readouterr().out
@@ -167,18 +168,18 @@ def test_reindex_verify_reports_and_repairs(photo, capsys):
 def test_switching_the_model_keeps_serving_the_old_index_until_the_new_one_is_complete(photo, settings):
     _, cat = add_product("CAT", photo("chelsea"))
     _, coffee = add_product("COFFEE", photo("coffee"))
-    old = pipeline.active_index()["identity"]
+    old = serving.active_index()["identity"]
 
     settings.EMBED_WEIGHTS = "random"  # another model identity, same backbone
     settings.EMBED_FALLBACK = False
-    new = pipeline.get_embedder().identity.key
+    new = serving.get_embedder().identity.key
     assert new != old
     pipeline.images_embed(image_ids=[cat.pk])  # half the catalog re-embedded
-    assert pipeline.active_index()["identity"] == old
+    assert serving.active_index()["identity"] == old
     assert search.similar_products(coffee.vector(), k=1)  # still serving the old vectors
 
     pipeline.images_reembed_for_current_model()  # the rest (eager: runs now)
-    active = pipeline.active_index()
+    active = serving.active_index()
     assert active["identity"] == new and active["weights"] == "random"
     assert published_ids() == {cat.pk, coffee.pk}
     assert set(ProductImage.objects.values_list("model_identity", flat=True)) == {new}
@@ -186,21 +187,21 @@ def test_switching_the_model_keeps_serving_the_old_index_until_the_new_one_is_co
 
 def test_the_index_writer_switches_search_to_a_model_without_loading_it(photo, settings, monkeypatch):
     _, cat = add_product("CAT", photo("chelsea"))
-    served = pipeline.active_index()
-    (settings.INDEX_DIR / pipeline.ACTIVE_FILE).unlink()  # as before any model was served
+    served = serving.active_index()
+    (settings.INDEX_DIR / serving.ACTIVE_FILE).unlink()  # as before any model was served
     ProductImage.objects.filter(pk=cat.pk).update(status="processing")  # embedded, not indexed yet
     monkeypatch.setattr(pipeline, "get_embedder", lambda spec=None: pytest.fail("the index writer loaded a model"))
     model = {key: served[key] for key in ("identity", "backbone", "weights")}
 
     # A leftover batch of a model configured before is indexed but never served.
     pipeline.index_apply(add_ids=[cat.pk], remove_ids=[], model={**model, "configured": ["resnet50", "random"]})
-    assert pipeline.active_index() is None
+    assert serving.active_index() is None
 
     ProductImage.objects.filter(pk=cat.pk).update(status="processing")
     pipeline.index_apply(
         add_ids=[cat.pk], remove_ids=[], model={**model, "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]}
     )
-    active = pipeline.active_index()
+    active = serving.active_index()
     assert {key: active[key] for key in model} == model
 
 

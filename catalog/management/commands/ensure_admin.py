@@ -1,3 +1,4 @@
+"""manage.py ensure_admin: the admin user, created on first run."""
 import secrets
 
 from django.conf import settings
@@ -12,6 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--username", default="admin")
 
     def handle(self, *args, username: str, **options):
+        settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         password_file = settings.DATA_DIR / f"{username}-password.txt"
         User = get_user_model()
         user = User.objects.filter(username=username).first()

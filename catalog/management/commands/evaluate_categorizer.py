@@ -1,3 +1,4 @@
+"""manage.py evaluate_categorizer: the categorizer's HTML evaluation report."""
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.urls import reverse
@@ -5,13 +6,15 @@ from django.urls import reverse
 from catalog.categorizer import categorizer_latest_report, categorizer_report_write
 from catalog.models import CategorizerVersion
 
+HELP = (
+    "Write the evaluation report of the categorizer in service (or --id): an HTML page with PNG plots "
+    "of the held-out confusion matrix, per-category precision and recall, what an apply threshold means, "
+    "and the products whose category looks unlikely. The admin links to the latest report."
+)
+
 
 class Command(BaseCommand):
-    help = (
-        "Write the evaluation report of the categorizer in service (or --id): an HTML page with PNG plots "
-        "of the held-out confusion matrix, per-category precision and recall, what an apply threshold means, "
-        "and the products whose category looks unlikely. The admin links to the latest report."
-    )
+    help = HELP
 
     def add_arguments(self, parser):
         parser.add_argument("--id", type=int, help="id of a ready categorizer version (default: the one in service)")

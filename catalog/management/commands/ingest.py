@@ -1,3 +1,4 @@
+"""manage.py ingest: a bulk import from the command line, with a progress bar."""
 import time
 from contextlib import ExitStack
 from pathlib import Path

@@ -1,3 +1,4 @@
+"""manage.py reindex: rebuild the vector index from the database, or verify and repair it."""
 import json
 
 from django.core.management.base import BaseCommand

@@ -1,3 +1,4 @@
+"""manage.py seed_demo: the small demo catalog."""
 from django.core.management.base import BaseCommand
 
 from catalog.demo import DEMO_PRODUCTS, demo_catalog_create

@@ -1,3 +1,4 @@
+"""manage.py train_categorizer: train the category head."""
 import json
 
 from django.core.exceptions import ValidationError

@@ -1,0 +1,96 @@
+"""What search serves: the model identity whose index is active, and the models that embed, once per process.
+
+Each model identity has its own index directory under settings.INDEX_DIR; `active.json` there names
+the one search serves, with the backbone and weights that embed queries comparably. The pipeline
+switches it (`maybe_activate`) once a model's index holds every image; search and the categorizer
+only read it.
+"""
+import json
+import logging
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from catalog.models import ProductImage
+from catalog.process_cache import ProcessCache, file_stamp
+from ml.files import atomic_write
+
+logger = logging.getLogger(__name__)
+Status = ProductImage.Status
+
+ACTIVE_FILE = "active.json"
+
+# The configured model and, during a switch, the one search still serves.
+_embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=2)
+
+
+def embedder_spec() -> dict:
+    """The configured model: what new images are embedded with."""
+    return {"backbone": settings.EMBED_BACKBONE, "weights": settings.EMBED_WEIGHTS}
+
+
+def get_embedder(spec: dict | None = None):
+    """The classifier-embedder for `spec` (default: the configured one), loaded once per process.
+
+    Loading happens on first use, so a prefork worker loads it in each child, never in the parent;
+    a checkpoint file rewritten in place is loaded again.
+    """
+    # Imported on first use: PyTorch costs seconds to import, and the web app may never embed.
+    from ml.embedder import load_embedder
+
+    spec = spec or embedder_spec()
+    key = (spec["backbone"], spec["weights"], settings.EMBED_PRECISION, settings.EMBED_FALLBACK)
+    stamp = file_stamp(spec["weights"]) if spec["weights"] not in ("imagenet", "random") else None
+    return _embedders.get(key, lambda: load_embedder(
+        spec["backbone"], spec["weights"], precision=settings.EMBED_PRECISION, fallback=settings.EMBED_FALLBACK,
+    ), stamp=stamp)
+
+
+def served_model(model) -> dict:
+    """What search needs to embed queries with `model`, and the configuration it was loaded under."""
+    return {
+        "identity": model.identity.key,
+        "backbone": model.identity.backbone,
+        # A fallback model is named as what it is, so search loads the same one.
+        "weights": "imagenet" if model.fallback_reason else settings.EMBED_WEIGHTS,
+        "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS],
+    }
+
+
+def active_index() -> dict | None:
+    """{"identity", "backbone", "weights", "activated_at"} of the index search serves, or None."""
+    try:
+        return json.loads((Path(settings.INDEX_DIR) / ACTIVE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def query_embedder():
+    """The model that embedded the index search serves, so query and catalog vectors are comparable."""
+    active = active_index()
+    return get_embedder({"backbone": active["backbone"], "weights": active["weights"]} if active else None)
+
+
+def maybe_activate(model: dict) -> None:
+    """Serve `model`'s index once it holds every image that can be embedded (or nothing serves yet).
+
+    `model` is what `served_model` gave for the model that embedded the images just indexed.
+    """
+    identity = model["identity"]
+    active = active_index()
+    if active is not None and active["identity"] == identity:
+        return
+    if model["configured"] != [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]:
+        return  # a leftover batch of a model configured before: never switch back to it
+    behind = ProductImage.objects.exclude(status=Status.FAILED).exclude(model_identity=identity, status=Status.INDEXED)
+    if active is None or not behind.exists():
+        _write_active(identity, {"backbone": model["backbone"], "weights": model["weights"]})
+
+
+def _write_active(identity: str, spec: dict) -> None:
+    root = Path(settings.INDEX_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {**spec, "identity": identity, "activated_at": timezone.now().isoformat(timespec="seconds")}
+    atomic_write(root / ACTIVE_FILE, lambda f: f.write(json.dumps(data).encode()))
+    logger.info("search now serves the index of %s", identity)

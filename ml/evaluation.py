@@ -1,0 +1,98 @@
+"""How well neighbour lists and predictions agree with the truth: one definition of each measure.
+
+Recall against exact search (``knn_ground_truth`` over blocks, ``knn_intersection``) judges the
+approximate index; ``neighbour_overlap`` judges a reduced precision against fp32; ranking and
+classification measures judge a model on a catalog's own images.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+AGREEMENT_BAR = 0.98  # the least top-10 neighbour overlap with fp32 for a precision to be chosen by itself
+_BLOCK = 65_536
+
+
+def knn_ground_truth(
+    queries: np.ndarray, vectors: np.ndarray, k: int, *, ids: np.ndarray | None = None, normalize: bool = False
+) -> np.ndarray:
+    """The exact top-``k`` ids by inner product of each query among ``vectors``, scanned in blocks.
+
+    ``ids`` names each row (default: its position); missing results are -1. With ``normalize`` each
+    block of ``vectors`` is scaled to unit rows first (cosine), so no normalised copy of them all is made.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for start in range(0, len(vectors), _BLOCK):
+        block = np.array(vectors[start : start + _BLOCK], dtype=np.float32, order="C")
+        if normalize:
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        scores, positions = faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(positions >= 0, positions + start, -1))
+    heap.finalize()
+    if ids is None:
+        return heap.I
+    return np.where(heap.I >= 0, np.asarray(ids)[np.maximum(heap.I, 0)], -1)
+
+
+def knn_intersection(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each row's exact neighbours that ``found`` holds too (recall@k); -1 is no result."""
+    hits = [len(np.intersect1d(f[f >= 0], e[e >= 0])) / max(1, int((e >= 0).sum())) for f, e in zip(found, exact)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def neighbour_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Mean share of each vector's top-k neighbours (cosine, among the rows) under ``reference``
+    that are also its top-k under ``other``: how a reduced precision is judged against fp32."""
+    return knn_intersection(_neighbours_among_rows(other, k), _neighbours_among_rows(reference, k))
+
+
+def _neighbours_among_rows(vectors: np.ndarray, k: int) -> np.ndarray:
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    return np.argsort(-similarity, axis=1)[:, :k]
+
+
+def reciprocal_rank(ranked: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """1 / (position + 1) of each row's ``truth`` in its ``ranked`` ids, 0 where it is absent."""
+    ranked = np.asarray(ranked)
+    hit = ranked == np.asarray(truth)[:, None]
+    first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+    return np.where(first >= 0, 1.0 / (first + 1), 0.0)
+
+
+def classification_metrics(true_labels, probabilities, categories: list[str]) -> dict:
+    """top1, top5, per-category precision/recall/support and the confusion matrix.
+
+    ``probabilities`` is (n, len(categories)). top-k is the share of examples whose true
+    category is among the k highest; confusion rows are true and columns predicted
+    categories, in ``categories`` order. Precision (recall) is None for a category never
+    predicted (never present).
+    """
+    probabilities = np.asarray(probabilities)
+    index = {c: i for i, c in enumerate(categories)}
+    truth = np.array([index[label] for label in true_labels], dtype=np.int64)
+    n, count = len(truth), len(categories)
+    ranked = np.argsort(-probabilities, axis=1, kind="stable") if n else np.zeros((0, count), dtype=np.int64)
+    predicted = ranked[:, 0] if n else np.zeros(0, dtype=np.int64)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    per_category = {}
+    for i, category in enumerate(categories):
+        hits, support, claimed = int(confusion[i, i]), int(confusion[i].sum()), int(confusion[:, i].sum())
+        per_category[category] = {
+            "precision": hits / claimed if claimed else None,
+            "recall": hits / support if support else None,
+            "support": support,
+        }
+
+    def top(k: int) -> float | None:
+        return float((ranked[:, :k] == truth[:, None]).any(axis=1).mean()) if n else None
+
+    return {
+        "top1": top(1),
+        "top5": top(5),
+        "per_category": per_category,
+        "confusion": {"labels": list(categories), "matrix": confusion.tolist()},
+    }
