@@ -1,31 +1,67 @@
-"""The admin: catalog tables, the suggestion review queue, categorizer reports and ingest jobs."""
+"""The admin: catalog tables, the suggestion review queue, models, evaluation reports and ingest jobs."""
 from pathlib import Path
 
 from django.conf import settings
-from django.contrib import admin
-from django.core.exceptions import PermissionDenied
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from catalog import categorizer, suggestions
+from catalog import categorizer, model_versions, suggestions
 from catalog.ingest import ingest_job_current, ingest_job_errors
 from catalog.models import (
     CategorizerVersion,
     Category,
     CategoryPrediction,
     IngestJob,
+    ModelVersion,
     Product,
     ProductImage,
 )
-from catalog.reports import CATEGORIZER_REPORT_FILES
+from catalog.reports import CATEGORIZER_REPORT_FILES, EVALUATION_REPORT_FILES
 
 
 def thumbnail(image: ProductImage | None, height: int = 80) -> str:
     if image is None or not image.file:
         return "-"
     return format_html('<img src="{}" alt="" style="max-height:{}px;max-width:{}px">', image.file.url, height, height * 2)
+
+
+class ReportsAdmin(admin.ModelAdmin):
+    """An admin whose rows have an HTML report (``report_file``, under settings.REPORTS_DIR) with its plots."""
+
+    report_files: tuple[str, ...] = ()
+    no_report_hint = ""
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.report_view)
+        name = f"{self.model._meta.app_label}_{self.model._meta.model_name}"
+        return [
+            path("<int:pk>/report/", view, name=f"{name}_report"),
+            path("<int:pk>/report/<str:file>", view, name=f"{name}_report_file"),
+        ] + super().get_urls()
+
+    def report_view(self, request, pk: int, file: str = "index.html"):
+        """A file of a row's report; only the report's own file names, so nothing else can be read."""
+        row = get_object_or_404(self.model, pk=pk)
+        if not self.has_view_permission(request, row):
+            raise PermissionDenied
+        if file not in self.report_files:
+            raise Http404("no such report file")
+        path_on_disk = Path(settings.REPORTS_DIR) / Path(row.report_file).parent / file
+        if not row.report_file or not path_on_disk.is_file():
+            raise Http404(f"there is no report yet; {self.no_report_hint}")
+        return FileResponse(open(path_on_disk, "rb"),
+                            content_type="text/html" if file.endswith(".html") else "image/png")
+
+    @admin.display(description="evaluation report")
+    def report(self, row) -> str:
+        if not row.report_file:
+            return "-"
+        name = f"admin:{self.model._meta.app_label}_{self.model._meta.model_name}_report"
+        return format_html('<a href="{}">report</a>', reverse(name, args=[row.pk]))
 
 
 @admin.register(Category)
@@ -145,7 +181,7 @@ def _report_url(version: CategorizerVersion) -> str:
 
 
 @admin.register(CategorizerVersion)
-class CategorizerVersionAdmin(admin.ModelAdmin):
+class CategorizerVersionAdmin(ReportsAdmin):
     """Trainings arrive through POST /api/categorizer/train/ or `manage.py train_categorizer`; here they are read."""
 
     list_display = ["id", "status", "version", "model_identity", "n_train", "top1", "top5", "trained_at", "report"]
@@ -168,28 +204,8 @@ class CategorizerVersionAdmin(admin.ModelAdmin):
     def top5(self, version: CategorizerVersion):
         return version.metrics.get("top5")
 
-    @admin.display(description="evaluation report")
-    def report(self, version: CategorizerVersion) -> str:
-        return format_html('<a href="{}">report</a>', _report_url(version)) if version.report_file else "-"
-
-    def get_urls(self):
-        view = self.admin_site.admin_view(self.report_view)
-        return [
-            path("<int:pk>/report/", view, name="catalog_categorizerversion_report"),
-            path("<int:pk>/report/<str:name>", view, name="catalog_categorizerversion_report_file"),
-        ] + super().get_urls()
-
-    def report_view(self, request, pk: int, name: str = "index.html"):
-        """A file of a version's report; only the report's own file names, so nothing else can be read."""
-        version = get_object_or_404(CategorizerVersion, pk=pk)
-        if not self.has_view_permission(request, version):
-            raise PermissionDenied
-        if name not in CATEGORIZER_REPORT_FILES:
-            raise Http404("no such report file")
-        file = Path(settings.REPORTS_DIR) / Path(version.report_file).parent / name
-        if not version.report_file or not file.is_file():
-            raise Http404("this version has no report yet; run manage.py evaluate_categorizer")
-        return FileResponse(open(file, "rb"), content_type="text/html" if name.endswith(".html") else "image/png")
+    report_files = CATEGORIZER_REPORT_FILES
+    no_report_hint = "run manage.py evaluate_categorizer"
 
 
 @admin.register(IngestJob)
@@ -233,3 +249,59 @@ class IngestJobAdmin(admin.ModelAdmin):
         errors = ingest_job_errors(job=job, limit=200)
         lines = [f"row {e['row']} ({e['sku']}): {e['error']}" if e["row"] is not None else e["error"] for e in errors]
         return format_html_join("", "<div>{}</div>", ((line,) for line in lines)) if lines else "-"
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(ReportsAdmin):
+    """Fine-tunings arrive through POST /api/models/finetune/ or `manage.py finetune`; here they are followed,
+    compared, promoted and rolled back."""
+
+    list_display = ["id", "status", "identity", "backbone", "stage", "recall_at_1", "top1", "compared_with",
+                    "created_at", "finished_at", "report"]
+    list_filter = ["status", "backbone"]
+    fields = ["status", "identity", "backbone", "weights", "parent", "epochs", "stage", "recall_at_1", "top1",
+              "compared_with", "why", "error", "created_by", "created_at", "finished_at", "report"]
+    readonly_fields = fields
+    actions = ["promote", "rollback"]
+    report_files = EVALUATION_REPORT_FILES
+    no_report_hint = "it is written when the model has been evaluated (manage.py evaluate for the serving one)"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="progress")
+    def stage(self, version: ModelVersion) -> str:
+        progress = version.progress
+        done = f" {progress['done']}/{progress['total']}" if "total" in progress else ""
+        return f"{progress.get('stage', version.status)}{done}"
+
+    @admin.display(description="search recall@1")
+    def recall_at_1(self, version: ModelVersion):
+        return (version.metrics.get("search") or {}).get("recall_at_1")
+
+    @admin.display(description="category top-1")
+    def top1(self, version: ModelVersion):
+        return (version.metrics.get("categories") or {}).get("top1")
+
+    @admin.display(description="decision")
+    def why(self, version: ModelVersion) -> str:
+        return version.decision.get("why", "")
+
+    @admin.action(description="Promote: serve this model")
+    def promote(self, request, queryset):
+        self._each(request, queryset, lambda version: model_versions.model_promote(version=version))
+
+    @admin.action(description="Roll back: serve again the model this serving one replaced")
+    def rollback(self, request, queryset):
+        self._each(request, queryset, lambda version: model_versions.model_rollback(version=version))
+
+    def _each(self, request, queryset, action) -> None:
+        for version in queryset:
+            try:
+                served = action(version)
+                self.message_user(request, f"model {served.pk} now serves")
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), level=messages.ERROR)

@@ -1,9 +1,11 @@
-"""Whether the service's dependencies answer now: what GET /api/health/ reports to a load balancer."""
+"""Whether the service's dependencies answer now, and what the index serves: GET /api/health/."""
 import logging
 
 from django.db import DatabaseError, connection
 
 from catalog.queue import QueueUnavailable, queue_check
+from catalog.search import SearchUnavailable, index_reader
+from ml.index_terms import IndexFileError
 
 logger = logging.getLogger(__name__)
 
@@ -28,3 +30,11 @@ def dependencies_check() -> dict[str, str]:
         logger.warning("health: %s", exc)
         checks["queue"] = UNAVAILABLE
     return checks
+
+
+def index_details() -> dict | None:
+    """The served index as this process searches it: kind, size, recall and why it is searched so (None: none)."""
+    try:
+        return index_reader().current().describe()
+    except (SearchUnavailable, IndexFileError):
+        return None

@@ -263,3 +263,55 @@ class IngestRow(models.Model):
 
     def __str__(self) -> str:
         return f"row {self.number} of ingest job {self.job_id}"
+
+
+class ModelVersion(models.Model):
+    """A model the service can embed with: the ImageNet one it started with, or a fine-tuning of one.
+
+    A fine-tuning goes queued -> training -> embedding (every image into its own shadow index) ->
+    evaluating -> serving (promoted: better on the catalog's own evaluation) or rejected; failed if it
+    could not finish. The model it replaces is retired; staff promote or roll back by hand too.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        TRAINING = "training"
+        EMBEDDING = "embedding"
+        EVALUATING = "evaluating"
+        CANDIDATE = "candidate"
+        SERVING = "serving"
+        REJECTED = "rejected"
+        FAILED = "failed"
+        RETIRED = "retired"
+
+    WORKING = (Status.QUEUED, Status.TRAINING, Status.EMBEDDING, Status.EVALUATING)
+
+    backbone = models.CharField(max_length=40)
+    weights = models.CharField(max_length=500, help_text="imagenet, random, or a checkpoint file")
+    identity = models.CharField(max_length=100, blank=True, default="", db_index=True)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children",
+                               help_text="the model it was fine-tuned from")
+    epochs = models.PositiveIntegerField(null=True, blank=True)
+    progress = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    compared_with = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    compared_metrics = models.JSONField(default=dict, blank=True, help_text="the other model's, on the same queries")
+    decision = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, default="")
+    report_file = models.CharField(max_length=255, blank=True, default="", help_text="Relative to settings.REPORTS_DIR.")
+    attempts = models.PositiveIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name = "model"
+
+    def __str__(self) -> str:
+        return f"model {self.pk} {self.identity or self.backbone} ({self.status})"

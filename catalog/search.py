@@ -17,8 +17,8 @@ from catalog.process_cache import ProcessCache
 from catalog.selectors import category_descendant_ids
 from catalog.serving import active_index, query_embedder
 from ml.images import ImageDecodeError, decode_image
-from ml.index import IndexFileError
 from ml.index_store import IndexReader, index_directory
+from ml.index_terms import IndexFileError
 
 READER_CHECK_SECONDS = 0.5
 

@@ -20,14 +20,43 @@ logger = logging.getLogger(__name__)
 Status = ProductImage.Status
 
 ACTIVE_FILE = "active.json"
+PROMOTED_FILE = "promoted.json"  # a fine-tuned model promoted over the configured one (catalog/model_versions.py)
 
 # The configured model and, during a switch, the one search still serves.
 _embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=2)
 
 
+def configured() -> list[str]:
+    """The model the settings name: [backbone, weights]."""
+    return [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]
+
+
 def embedder_spec() -> dict:
-    """The configured model: what new images are embedded with."""
+    """The model new images are embedded with: the promoted fine-tuning while the settings are those it was
+    promoted under, else the one the settings name."""
+    promoted = promoted_model()
+    if promoted is not None and promoted["configured"] == configured():
+        return {"backbone": promoted["backbone"], "weights": promoted["weights"]}
     return {"backbone": settings.EMBED_BACKBONE, "weights": settings.EMBED_WEIGHTS}
+
+
+def promoted_model() -> dict | None:
+    """{"backbone", "weights", "identity", "configured", "version"} of the promoted model, or None."""
+    try:
+        return json.loads((Path(settings.INDEX_DIR) / PROMOTED_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_promoted(spec: dict | None) -> None:
+    """Promote a model (``spec`` with "backbone", "weights", "identity", "version"), or go back to the
+    configured one (None)."""
+    path = Path(settings.INDEX_DIR) / PROMOTED_FILE
+    if spec is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps({**spec, "configured": configured()}).encode()))
 
 
 def get_embedder(spec: dict | None = None):
@@ -53,8 +82,8 @@ def served_model(model) -> dict:
         "identity": model.identity.key,
         "backbone": model.identity.backbone,
         # A fallback model is named as what it is, so search loads the same one.
-        "weights": "imagenet" if model.fallback_reason else settings.EMBED_WEIGHTS,
-        "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS],
+        "weights": "imagenet" if model.fallback_reason else embedder_spec()["weights"],
+        "configured": configured(),
     }
 
 
@@ -81,14 +110,15 @@ def maybe_activate(model: dict) -> None:
     active = active_index()
     if active is not None and active["identity"] == identity:
         return
-    if model["configured"] != [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]:
+    if model["configured"] != configured():
         return  # a leftover batch of a model configured before: never switch back to it
     behind = ProductImage.objects.exclude(status=Status.FAILED).exclude(model_identity=identity, status=Status.INDEXED)
     if active is None or not behind.exists():
-        _write_active(identity, {"backbone": model["backbone"], "weights": model["weights"]})
+        activate(identity, {"backbone": model["backbone"], "weights": model["weights"]})
 
 
-def _write_active(identity: str, spec: dict) -> None:
+def activate(identity: str, spec: dict) -> None:
+    """Serve the index of ``identity``, embedding queries with ``spec`` ({"backbone", "weights"})."""
     root = Path(settings.INDEX_DIR)
     root.mkdir(parents=True, exist_ok=True)
     data = {**spec, "identity": identity, "activated_at": timezone.now().isoformat(timespec="seconds")}

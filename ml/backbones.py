@@ -12,7 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet50
 
 from ml.preprocessing import EvalPreset, resample_named
-from ml.weights import RESNET50_WEIGHTS
+from ml.weights import RESNET50_WEIGHTS, load_state_dict, read_checkpoint, state_dict_sha256, weights_sha256
 
 BACKBONES = ("resnet50", "efficientnet_lite0")
 
@@ -69,6 +69,20 @@ def _build_efficientnet_lite0() -> tuple[nn.Module, EvalPreset]:
 
 
 BUILDERS = {"resnet50": _build_resnet50, "efficientnet_lite0": _build_efficientnet_lite0}
+
+
+def build_with_weights(backbone: str, weights) -> tuple[nn.Module, EvalPreset, str]:
+    """The backbone with ``weights`` ("imagenet", "random": seeded, or a checkpoint path), its eval preset,
+    and the sha256 that identifies the weights."""
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random weights are the same on every load, and so is the identity
+            model, preset = BUILDERS[backbone]()
+        return model, preset, state_dict_sha256(model.state_dict())
+    path, sha256 = weights_sha256(backbone, weights)
+    model, preset = BUILDERS[backbone]()
+    load_state_dict(model, read_checkpoint(path), backbone, path)
+    return model, preset, sha256
 
 
 def split_classifier(model: nn.Module) -> tuple[ClassifierEmbedder, int]:

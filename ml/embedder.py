@@ -25,8 +25,8 @@ from torch import nn
 
 from ml.backbones import (
     BACKBONES,
-    BUILDERS,
     ClassifierEmbedder,
+    build_with_weights,
     fold_batch_norms,
     imagenet_categories,
     split_classifier,
@@ -34,13 +34,7 @@ from ml.backbones import (
 from ml.onnx_engine import onnx_session
 from ml.precision import PRECISIONS, configure_cpu_threads, resolve_precision
 from ml.preprocessing import DEFAULT_PREPROCESS, PREPROCESS_MODES, EvalPreset
-from ml.weights import (
-    WeightsUnavailableError,
-    load_state_dict,
-    read_checkpoint,
-    state_dict_sha256,
-    weights_sha256,
-)
+from ml.weights import WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +214,7 @@ def _load(
     device = _resolve_device(device)
     if device.type == "cpu":
         configure_cpu_threads()
-    if weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random weights are the same on every load, and so is the identity
-            model, preset = BUILDERS[backbone]()
-        sha256 = state_dict_sha256(model.state_dict())
-    else:
-        path, sha256 = weights_sha256(backbone, weights)
-        model, preset = BUILDERS[backbone]()
-        load_state_dict(model, read_checkpoint(path), backbone, path)
+    model, preset, sha256 = build_with_weights(backbone, weights)
     model, dim = split_classifier(model)
     return Embedder(
         model=model,

@@ -14,6 +14,26 @@ AGREEMENT_BAR = 0.98  # the least top-10 neighbour overlap with fp32 for a preci
 _BLOCK = 65_536
 
 
+class ExactNeighbours:
+    """The exact top-``k`` by inner product of each query, gathered block by block (a stream of vectors)."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self._heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
+
+    def add(self, block: np.ndarray, first: int) -> None:
+        """Rows ``first`` .. ``first + len(block) - 1`` of the stream."""
+        scores, positions = faiss.knn(self.queries, np.ascontiguousarray(block, dtype=np.float32), self.k,
+                                      metric=faiss.METRIC_INNER_PRODUCT)
+        self._heap.add_result(scores, np.where(positions >= 0, positions + first, -1))
+
+    def result(self) -> np.ndarray:
+        """Row numbers of each query's neighbours, best first; -1 where fewer exist."""
+        self._heap.finalize()
+        return self._heap.I
+
+
 def knn_ground_truth(
     queries: np.ndarray, vectors: np.ndarray, k: int, *, ids: np.ndarray | None = None, normalize: bool = False
 ) -> np.ndarray:
@@ -22,24 +42,32 @@ def knn_ground_truth(
     ``ids`` names each row (default: its position); missing results are -1. With ``normalize`` each
     block of ``vectors`` is scaled to unit rows first (cosine), so no normalised copy of them all is made.
     """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    exact = ExactNeighbours(queries, k)
     for start in range(0, len(vectors), _BLOCK):
         block = np.array(vectors[start : start + _BLOCK], dtype=np.float32, order="C")
         if normalize:
             block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-        scores, positions = faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(positions >= 0, positions + start, -1))
-    heap.finalize()
+        exact.add(block, start)
+    found = exact.result()
     if ids is None:
-        return heap.I
-    return np.where(heap.I >= 0, np.asarray(ids)[np.maximum(heap.I, 0)], -1)
+        return found
+    return np.where(found >= 0, np.asarray(ids)[np.maximum(found, 0)], -1)
 
 
 def knn_intersection(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of each row's exact neighbours that ``found`` holds too (recall@k); -1 is no result."""
     hits = [len(np.intersect1d(f[f >= 0], e[e >= 0])) / max(1, int((e >= 0).sum())) for f, e in zip(found, exact)]
     return float(np.mean(hits)) if hits else 0.0
+
+
+def recall_of_others(found: np.ndarray, exact: np.ndarray, own: np.ndarray, k: int = 10) -> float:
+    """Recall@k when each query is one of the indexed vectors (``own``): the query itself left out of both
+    lists, so the figure is about its other neighbours, as a new photo's would be (``found`` and ``exact``
+    hold k + 1 results)."""
+    def others(rows: np.ndarray) -> np.ndarray:
+        return np.array([[r for r in row if r != mine][:k] for row, mine in zip(rows, own)], dtype=np.int64)
+
+    return knn_intersection(others(found), others(exact))
 
 
 def neighbour_overlap(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:

@@ -1,10 +1,12 @@
-"""Publishing a vector index in versions, and reading the current version back.
+"""Publishing a vector index in a directory, and following it: a base, delta segments, one manifest.
 
-An index directory holds versioned files ``index-<version>.vsi`` and a ``manifest.json``
-naming the current one. Every file is written to a temporary name, fsynced, renamed over,
-and the directory fsynced; the manifest is written last, so a reader that follows it never
-sees a half-written index. ``IndexReader`` polls the manifest and swaps in a new version
-without a restart.
+``manifest.json`` is the one atomic pointer: it names the base (a generation of files, read
+memory-mapped) and the delta segments written since, in order. An update writes one small segment and a
+new manifest (O(batch)); a reader that follows the manifest applies the new segments to what it holds and
+never reloads the base for them. A compaction or a rebuild writes the next base generation beside the old
+one and swaps it in with a manifest that keeps the segments written meanwhile. Every file is written to a
+temporary name, fsynced and renamed, the manifest last, so a crash at any step leaves the previous state
+readable; files no manifest names any more are deleted after a grace period.
 """
 
 from __future__ import annotations
@@ -16,109 +18,28 @@ import logging
 import math
 import os
 import re
-import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
-import faiss
+import numpy as np
 
-from ml.files import atomic_write, exclusive_lock, file_sha256
-from ml.index import FLAT, FORMAT, REBUILD_HINT, IndexFileError, VectorIndex, gpu_count
+from ml.files import atomic_write, exclusive_lock
+from ml.index import VectorIndex, gpu_count
+from ml.index_base import BaseIndex
+from ml.index_build import compact
+from ml.index_terms import DEFAULT_EXACT_THRESHOLD, FLAT, REBUILD_HINT, IndexFileError, as_ids
+from ml.segments import Overlay, Segment, read_segment, segment_name, write_segment
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-_MAGIC = b"VSINDEX\x01"
-_FILE_PATTERN = re.compile(r"^index-(\d+)\.vsi$")
+FORMAT = 2
+GRACE_SECONDS = 300.0  # an unreferenced file lives this long, so readers opening it can finish
+_BASE_FILE = re.compile(r"^base-(\d+)\.")
 
-
-def save_index(index: VectorIndex, directory, *, keep: int = 2, grace_seconds: float = 300.0) -> dict:
-    """Publish ``index`` as the next version in ``directory``; returns the new manifest.
-
-    Versions older than the newest ``keep`` are deleted once they have been
-    superseded for ``grace_seconds`` (readers still opening them get time to finish).
-    A directory holds one model identity: saving another identity there is refused.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(directory / ".lock"):
-        current = _try_read_manifest(directory)
-        if current is not None and current.get("identity") != index.identity:
-            raise IndexFileError(
-                f"{directory} holds the index of model {current.get('identity')!r}, not {index.identity!r}; "
-                "give each model identity its own index directory (see index_directory())"
-            )
-        # Past the manifest and any file a crashed writer renamed in but never published.
-        version = 1 + max(_published_versions(directory)[-1:] + [int(current["version"]) if current else 0])
-        name = f"index-{version:08d}.vsi"
-        header = index.header(version)
-        digest = atomic_write(directory / name, lambda f: _write_container(f, header, index.parts()))
-        manifest = {
-            **header,
-            "file": name,
-            "sha256": digest.sha256,
-            "size": digest.size,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        atomic_write(directory / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        index.version = version
-        _prune(directory, keep=max(1, keep), grace_seconds=grace_seconds)
-    return manifest
-
-
-def load_index(
-    directory,
-    *,
-    expected_identity: str | None = None,
-    manifest: dict | None = None,
-    use_gpu: bool | None = None,
-) -> VectorIndex:
-    """Load the version the directory's manifest names (or ``manifest``, if given).
-
-    Raises ``IndexFileError`` for a missing, truncated or corrupt file, a file that
-    does not match its manifest, or an identity other than ``expected_identity``.
-    ``use_gpu`` (default: when faiss sees a GPU) moves unfiltered exact searching to GPUs.
-    """
-    directory = Path(directory)
-    if manifest is None:
-        manifest = read_manifest(directory)
-    if expected_identity is not None and manifest["identity"] != expected_identity:
-        raise IndexFileError(
-            f"index in {directory} was built for model {manifest['identity']!r}, but this service "
-            f"embeds with {expected_identity!r}; {REBUILD_HINT} for the current model"
-        )
-    path = directory / manifest["file"]
-    _verify_file(path, manifest)
-    try:
-        with open(path, "rb") as f:
-            header, parts = _read_container(f)
-    except (OSError, RuntimeError, ValueError, struct.error) as exc:
-        raise IndexFileError(f"index file {path} is corrupt ({exc}); {REBUILD_HINT}") from exc
-    for key in ("identity", "dimension", "kind", "count", "version"):
-        if header.get(key) != manifest.get(key):
-            raise IndexFileError(
-                f"index file {path} does not match {directory / MANIFEST_NAME}: {key} is "
-                f"{header.get(key)!r} in the file and {manifest.get(key)!r} in the manifest; {REBUILD_HINT}"
-            )
-    try:
-        index = VectorIndex.from_parts(header, parts, path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IndexFileError(f"index file {path} has an unreadable header ({exc!r}); {REBUILD_HINT}") from exc
-    if use_gpu is None:
-        use_gpu = gpu_count() > 0
-    if use_gpu:
-        index.move_search_to_gpu()
-    return index
-
-
-def _write_container(f: BinaryIO, header: dict, parts: list) -> None:
-    encoded = json.dumps(header).encode()
-    f.write(_MAGIC + struct.pack("<I", len(encoded)) + encoded)
-    writer = faiss.PyCallbackIOWriter(f.write)
-    for part in parts:
-        faiss.write_index(part, writer)
+Step = Callable[[str], None]  # told each step as it completes: tests kill the writer between steps
 
 
 def index_directory(root, identity: str) -> Path:
@@ -135,7 +56,7 @@ def read_manifest(directory) -> dict:
         raise IndexFileError(f"no index has been published in {path.parent}; build one with `manage.py reindex`")
     except (OSError, ValueError) as exc:
         raise IndexFileError(f"index manifest {path} is unreadable ({exc}); {REBUILD_HINT}") from exc
-    missing = {"identity", "dimension", "kind", "count", "version", "file", "sha256", "size"} - set(manifest)
+    missing = {"identity", "dimension", "version", "generation", "base", "segments", "next_seq"} - set(manifest)
     if missing or manifest.get("format") != FORMAT:
         raise IndexFileError(
             f"index manifest {path} is not one this version understands (missing {sorted(missing)}, "
@@ -144,13 +65,216 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-class IndexReader:
-    """Holds the current published index of a directory and swaps in new versions.
+def load_index(directory, *, expected_identity: str | None = None, manifest: dict | None = None,
+               use_gpu: bool | None = None) -> VectorIndex:
+    """The published index: its base memory-mapped, its segments applied.
 
-    ``current()`` checks the manifest at most every ``check_interval`` seconds and loads
-    a new version when it appears. The swap replaces one reference, so searches already
-    running keep the object they started with. A new version that fails to load is
-    logged and skipped while the previous one keeps serving.
+    Raises ``IndexFileError`` for a missing, truncated or corrupt file, a file that does not match its
+    manifest, or an identity other than ``expected_identity``. ``use_gpu`` (default: when faiss sees a
+    GPU) moves unfiltered exact scans to GPUs.
+    """
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    _check_identity(directory, manifest, expected_identity)
+    base = BaseIndex.read(directory, manifest["base"], manifest["dimension"])
+    if use_gpu if use_gpu is not None else gpu_count() > 0:
+        base.move_search_to_gpu()
+    # The base holds every change up to the sequence number it folded in: the overlay starts after it.
+    overlay = Overlay(manifest["dimension"], exact=base.kind == FLAT, last_seq=manifest["base"].get("folded_through", 0))
+    index = VectorIndex(manifest["identity"], manifest["dimension"], base=base, overlay=overlay,
+                        exact_threshold=manifest.get("exact_threshold", DEFAULT_EXACT_THRESHOLD))
+    index.generation = manifest["generation"]
+    return _with_segments(index, directory, manifest)
+
+
+def _with_segments(index: VectorIndex, directory: Path, manifest: dict) -> VectorIndex:
+    """``index`` with the manifest's segments it lacks applied; a new object.
+
+    ``index`` stands on the manifest's base, or on the one before it when it is already past the sequence
+    number the manifest's base folded in (then it keeps its own generation).
+    """
+    overlay = index.overlay.applied([
+        read_segment(directory, entry, identity=manifest["identity"], dim=manifest["dimension"])
+        for entry in manifest["segments"] if entry["seq"] > index.overlay.last_seq
+    ])
+    updated = VectorIndex(index.identity, index.dim, base=index.base, overlay=overlay,
+                          exact_threshold=index.exact_threshold)
+    updated.version = manifest["version"]
+    updated.generation = index.generation if index.generation is not None else manifest["generation"]
+    return updated
+
+
+def _check_identity(directory: Path, manifest: dict, expected: str | None) -> None:
+    if expected is not None and manifest["identity"] != expected:
+        raise IndexFileError(
+            f"index in {directory} was built for model {manifest['identity']!r}, but this service "
+            f"embeds with {expected!r}; {REBUILD_HINT} for the current model"
+        )
+
+
+def save_index(index: VectorIndex, directory, *, grace_seconds: float = GRACE_SECONDS,
+               on_step: Step | None = None) -> dict:
+    """Publish all of ``index`` as the next base generation (a full publish: the overlay folded in first).
+
+    A directory holds one model identity: saving another identity there is refused. Returns the manifest.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = index.base
+    if len(index.overlay) or index.overlay.masked.size:
+        base, _ = compact(index)
+    with exclusive_lock(directory / ".lock"):
+        current = _try_read_manifest(directory)
+        if current is not None and current["identity"] != index.identity:
+            raise IndexFileError(
+                f"{directory} holds the index of model {current['identity']!r}, not {index.identity!r}; "
+                "give each model identity its own index directory (see index_directory())"
+            )
+        manifest = _publish_base(directory, index.identity, index.dim, base, current, keep_after=None,
+                                 exact_threshold=index.exact_threshold, on_step=on_step)
+        _prune(directory, manifest, grace_seconds)
+    index.base = base
+    index._set_overlay(Overlay(index.dim, exact=base.kind == FLAT))
+    index.version, index.generation = manifest["version"], manifest["generation"]
+    return manifest
+
+
+def _publish_base(directory: Path, identity: str, dim: int, base: BaseIndex, current: dict | None, *,
+                  keep_after: int | None, exact_threshold: int, on_step: Step | None) -> dict:
+    """Write ``base`` as the next generation and a manifest naming it, with the current manifest's segments
+    after ``keep_after`` (None: none). The caller holds the directory's lock."""
+    step = on_step or (lambda name: None)
+    # Past the manifest and any generation a crashed writer left behind unpublished.
+    generation = 1 + max([current["generation"] if current else 0, *_generations_on_disk(directory)])
+    entry = base.write(directory, generation)
+    step("base written")
+    segments = [s for s in (current["segments"] if current else []) if keep_after is not None and s["seq"] > keep_after]
+    # A reader already past this sequence number may keep its old base (and the segments after it) until the
+    # new one has loaded: the two give the same answers.
+    entry["folded_through"] = keep_after if keep_after is not None else (current["next_seq"] - 1 if current else 0)
+    manifest = {
+        "format": FORMAT, "identity": identity, "dimension": dim, "exact_threshold": exact_threshold,
+        "version": (current["version"] if current else 0) + 1, "generation": generation, "base": entry,
+        "segments": segments, "next_seq": current["next_seq"] if current else 1,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_manifest(directory, manifest)
+    step("manifest written")
+    return manifest
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    atomic_write(directory / MANIFEST_NAME, lambda f: f.write(json.dumps(manifest, separators=(",", ":")).encode()))
+
+
+def _try_read_manifest(directory: Path) -> dict | None:
+    try:
+        return read_manifest(directory)
+    except IndexFileError:
+        return None
+
+
+class IndexWriter:
+    """The single writer's view of one identity's directory: appends segments, swaps in new bases.
+
+    Its copy of the index follows the manifest, so another process's compaction or rebuild is picked up
+    before the next write.
+    """
+
+    def __init__(self, directory, identity: str, dim: int, *, exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
+                 on_step: Step | None = None) -> None:
+        self.directory = Path(directory)
+        self.identity = identity
+        self.dim = int(dim)
+        self.exact_threshold = exact_threshold
+        self.on_step = on_step or (lambda name: None)
+        self.index: VectorIndex | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> VectorIndex:
+        """The published index as it is now (an empty one before anything was published)."""
+        manifest = _try_read_manifest(self.directory)
+        if manifest is None:
+            if self.directory.joinpath(MANIFEST_NAME).exists():
+                raise IndexFileError(f"the index manifest in {self.directory} is unusable; {REBUILD_HINT}")
+            if self.index is None or self.index.version is not None:
+                self.index = VectorIndex(self.identity, self.dim, exact_threshold=self.exact_threshold)
+            return self.index
+        _check_identity(self.directory, manifest, self.identity)
+        if self.index is None or self.index.generation != manifest["generation"]:
+            self.index = load_index(self.directory, manifest=manifest, use_gpu=False)
+        elif self.index.version != manifest["version"]:
+            self.index = _with_segments(self.index, self.directory, manifest)
+        return self.index
+
+    def apply(self, *, add_ids, vectors, remove_ids) -> dict:
+        """Publish one segment: ``add_ids`` added or replaced with ``vectors``, ``remove_ids`` removed."""
+        with self._lock, exclusive_lock(self._lock_path()):
+            index = self.current()
+            add_ids, vectors = index.checked_batch(add_ids, vectors) if len(add_ids) else \
+                (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+            remove_ids = np.setdiff1d(as_ids(remove_ids), add_ids)
+            manifest = _try_read_manifest(self.directory)
+            if manifest is None:  # the first write: an empty base to stand on
+                manifest = _publish_base(self.directory, self.identity, self.dim, index.base, None, keep_after=None,
+                                         exact_threshold=self.exact_threshold, on_step=None)
+            seq = manifest["next_seq"]
+            segment = Segment(seq, add_ids, np.asarray(vectors, dtype=np.float32), remove_ids)
+            digest = write_segment(self.directory, segment, self.identity)
+            self.on_step("segment written")
+            manifest = {
+                **manifest, "version": manifest["version"] + 1, "next_seq": seq + 1,
+                "segments": [*manifest["segments"], {"seq": seq, "file": segment_name(seq), "sha256": digest.sha256,
+                                                     "size": digest.size, "added": len(add_ids),
+                                                     "removed": len(remove_ids)}],
+            }
+            _write_manifest(self.directory, manifest)
+            self.on_step("manifest written")
+            index = _with_segments(index, self.directory, manifest)
+            self.index = index
+            return manifest
+
+    def replace_base(self, build: Callable[[VectorIndex], BaseIndex], *, fresh: bool = False,
+                     grace_seconds: float = GRACE_SECONDS) -> dict:
+        """Swap in the base ``build`` makes from the index as it is now (a compaction), or, ``fresh``, from
+        elsewhere (a rebuild from the database, which also replaces an unusable index).
+
+        The build runs outside the lock, so updates go on meanwhile; the new manifest keeps the segments
+        written after the snapshot, whose changes apply on top of the new base as they did on the old.
+        """
+        with self._lock, exclusive_lock(self._lock_path()):
+            manifest = _try_read_manifest(self.directory)
+            if fresh:
+                snapshot = VectorIndex(self.identity, self.dim, exact_threshold=self.exact_threshold)
+                keep_after = manifest["next_seq"] - 1 if manifest is not None else None
+            else:
+                snapshot = self.current()
+                keep_after = snapshot.overlay.last_seq if manifest is not None else None
+        base = build(snapshot)
+        self.on_step("base built")
+        with self._lock, exclusive_lock(self._lock_path()):
+            current = _try_read_manifest(self.directory)
+            if current is not None and manifest is not None and current["generation"] != manifest["generation"]:
+                raise IndexFileError(f"another base was published in {self.directory} meanwhile; nothing swapped")
+            published = _publish_base(self.directory, self.identity, self.dim, base, current, keep_after=keep_after,
+                                      exact_threshold=self.exact_threshold, on_step=self.on_step)
+            self.index = None
+            self.current()
+            _prune(self.directory, published, grace_seconds)
+            return published
+
+    def _lock_path(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory / ".lock"
+
+
+class IndexReader:
+    """Holds the current published index of a directory and follows the manifest.
+
+    ``current()`` checks the manifest at most every ``check_interval`` seconds. New segments are applied
+    to what it holds (the base is not read again); a new base generation is opened memory-mapped. The
+    swap replaces one reference, so searches already running keep the object they started with. A new
+    version that fails to load is logged and skipped while the previous one keeps serving.
     """
 
     def __init__(self, directory, *, expected_identity: str | None = None, check_interval: float = 0.5) -> None:
@@ -160,11 +284,13 @@ class IndexReader:
         self._index: VectorIndex | None = None
         self._checked_at = -math.inf
         self._manifest_stat: tuple | None = None
-        self._refused: tuple | None = None  # (version, sha256) that failed to load
+        self._refused: int | None = None  # the version that failed to load
         self._lock = threading.Lock()
+        self._loading: threading.Thread | None = None  # a new base generation, opened in the background
 
     def current(self) -> VectorIndex:
-        if time.monotonic() - self._checked_at >= self.check_interval:
+        # Before the first version is in, every thread waits for the one loading it.
+        if self._index is None or time.monotonic() - self._checked_at >= self.check_interval:
             self.refresh(wait=self._index is None)
         index = self._index
         if index is None:
@@ -189,82 +315,78 @@ class IndexReader:
             if key == self._manifest_stat:
                 return False
             manifest = read_manifest(self.directory)
-            attempt = (manifest["version"], manifest["sha256"])
-            if self._index is not None and (manifest["version"] == self._index.version or attempt == self._refused):
+            held = self._index
+            if held is not None and manifest["version"] in (held.version, self._refused):
                 self._manifest_stat = key
                 return False
             try:
-                index = load_index(self.directory, expected_identity=self.expected_identity, manifest=manifest)
+                _check_identity(self.directory, manifest, self.expected_identity)
+                if held is not None and held.generation == manifest["generation"]:
+                    index = _with_segments(held, self.directory, manifest)
+                elif held is not None and held.overlay.last_seq >= manifest["base"].get("folded_through", math.inf):
+                    # Keep serving the old base with the new segments; the new base opens meanwhile.
+                    index = _with_segments(held, self.directory, manifest)
+                    self._open_in_background(manifest)
+                else:
+                    index = load_index(self.directory, manifest=manifest)
             except IndexFileError:
-                if self._index is None:
+                if held is None:
                     raise
-                log.exception("keeping index version %s: version %s failed to load", self._index.version, attempt[0])
-                self._refused = attempt
+                log.exception("keeping index version %s: version %s failed to load", held.version,
+                              manifest["version"])
+                self._refused = manifest["version"]
                 self._manifest_stat = key
                 return False
             self._index = index
             self._manifest_stat = key
-            log.info("loaded index %s", index)
+            log.debug("loaded index %s", index)
             return True
         finally:
             self._lock.release()
 
+    def _open_in_background(self, manifest: dict) -> None:
+        if self._loading is not None and self._loading.is_alive():
+            return
 
-def _try_read_manifest(directory: Path) -> dict | None:
-    try:
-        return read_manifest(directory)
-    except IndexFileError:
-        return None
+        def open_new_base() -> None:
+            try:
+                opened = load_index(self.directory, manifest=manifest)
+            except IndexFileError:
+                log.exception("keeping the index's previous base: generation %s failed to load",
+                              manifest["generation"])
+                return
+            with self._lock:
+                latest = _try_read_manifest(self.directory)
+                if latest is not None and latest["generation"] == opened.generation:
+                    opened = _with_segments(opened, self.directory, latest)
+                held = self._index
+                if held is not None and held.generation != opened.generation and (
+                        opened.overlay.last_seq >= held.overlay.last_seq):
+                    self._index = opened
+                    log.info("opened index base generation %s", opened.generation)
+
+        self._loading = threading.Thread(target=open_new_base, name="index-base", daemon=True)
+        self._loading.start()
 
 
-def _published_versions(directory: Path) -> list[int]:
-    versions = []
-    for entry in os.scandir(directory):
-        match = _FILE_PATTERN.match(entry.name)
-        if match:
-            versions.append(int(match.group(1)))
-    return sorted(versions)
+# ----- files no manifest names -----------------------------------------------------------------
 
 
-def _prune(directory: Path, *, keep: int, grace_seconds: float) -> None:
-    """Delete versions older than the newest ``keep`` once superseded for the grace period."""
+def _generations_on_disk(directory: Path) -> list[int]:
+    return [int(match.group(1)) for entry in os.scandir(directory) if (match := _BASE_FILE.match(entry.name))]
+
+
+def _prune(directory: Path, manifest: dict, grace_seconds: float) -> None:
+    """Delete base and segment files the manifest no longer names, once the grace period has passed.
+
+    A memory-mapped file stays readable by the processes that mapped it after it is deleted.
+    """
+    named = {part["name"] for part in manifest["base"]["files"].values()} | {s["file"] for s in manifest["segments"]}
     now = time.time()
-    versions = _published_versions(directory)
-    paths = [directory / f"index-{v:08d}.vsi" for v in versions]
-    for older, newer in zip(paths[:-keep], paths[1:]):
-        with contextlib.suppress(FileNotFoundError):
-            if now - newer.stat().st_mtime >= grace_seconds:
-                older.unlink()
-    for entry in os.scandir(directory):  # temporary files of writers that died mid-write
-        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+    for entry in os.scandir(directory):
+        stale = entry.name.endswith((".vsd", ".faiss", ".npy")) and entry.name not in named
+        temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        if stale or temporary:
             with contextlib.suppress(FileNotFoundError):
-                if now - entry.stat().st_mtime >= max(grace_seconds, 3600.0):
+                if now - entry.stat().st_mtime >= (grace_seconds if stale else max(grace_seconds, 3600.0)):
                     os.unlink(entry.path)
-
-
-def _verify_file(path: Path, manifest: dict) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise IndexFileError(f"index file {path} named by its manifest is missing; {REBUILD_HINT}") from None
-    if size != manifest["size"]:
-        raise IndexFileError(
-            f"index file {path} is truncated or altered ({size} bytes, the manifest says {manifest['size']}); "
-            f"{REBUILD_HINT}"
-        )
-    if file_sha256(path) != manifest["sha256"]:
-        raise IndexFileError(f"index file {path} is corrupt (sha256 mismatch); {REBUILD_HINT}")
-
-
-def _read_container(f: BinaryIO) -> tuple[dict, list]:
-    if f.read(len(_MAGIC)) != _MAGIC:
-        raise ValueError("not a visualsearch index file")
-    (length,) = struct.unpack("<I", f.read(4))
-    header = json.loads(f.read(length))
-    if header.get("format") != FORMAT:
-        raise ValueError(f"unknown format {header.get('format')!r}")
-    reader = faiss.PyCallbackIOReader(f.read)
-    parts = [faiss.read_index(reader) for _ in range(1 if header.get("kind") == FLAT else 2)]
-    if f.read(1):
-        raise ValueError("trailing bytes after the index data")
-    return header, parts

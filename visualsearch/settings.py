@@ -178,6 +178,11 @@ INDEX_DIR = DATA_DIR / "index"
 # The category head (catalog/categorizer.py): trained head files, and the evaluation reports the admin links to.
 CATEGORIZER_DIR = DATA_DIR / "categorizer"
 REPORTS_DIR = DATA_DIR / "reports"
+# Fine-tuned checkpoints and each model's archived vectors (catalog/finetuning.py), kept until staff delete them.
+MODELS_DIR = DATA_DIR / "models"
+FINETUNE_TIME_LIMIT = env_int("VISUALSEARCH_FINETUNE_TIME_LIMIT", 6 * 3600)
+# A training whose progress has not moved this long lost its worker: it resumes from its last epoch.
+FINETUNE_STALE_SECONDS = env_int("VISUALSEARCH_FINETUNE_STALE_SECONDS", 900)
 # Training reads stored embeddings only (no model, no GPU): it runs on the default queue, for up to this long.
 CATEGORIZER_TRAIN_TIME_LIMIT = env_int("VISUALSEARCH_CATEGORIZER_TIME_LIMIT", 3600)
 
@@ -224,6 +229,7 @@ SPECTACULAR_SETTINGS = {
         "SuggestionStatusEnum": "catalog.models.CategoryPrediction.Status",
         "CategorizerStatusEnum": "catalog.models.CategorizerVersion.Status",
         "IngestJobStatusEnum": "catalog.models.IngestJob.Status",
+        "ModelStatusEnum": "catalog.models.ModelVersion.Status",
     },
 }
 
@@ -237,14 +243,21 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # embed: model inference (GPU workers in production); index: the single writer of the vector index;
 # default: I/O and bookkeeping. README: one worker command per queue.
-# Tasks are routed by their registered names (workers/tasks.py).
+# Tasks are routed by their registered names (workers/tasks.py). `compact` runs beside `index` (README).
 CELERY_TASK_ROUTES = {
     "embed_images": {"queue": "embed"},
     "index_images": {"queue": "index"},
+    "compact_index": {"queue": "compact"},
+    "finetune_model": {"queue": "train"},
+    "evaluate_model": {"queue": "train"},
 }
 CELERY_BEAT_SCHEDULE = {
     "requeue-stale-images": {
         "task": "requeue_stale_images",
+        "schedule": float(env_int("VISUALSEARCH_SWEEP_SECONDS", 30)),
+    },
+    "resume-lost-trainings": {
+        "task": "resume_lost_trainings",
         "schedule": float(env_int("VISUALSEARCH_SWEEP_SECONDS", 30)),
     },
     "refresh-ingest-jobs": {

@@ -11,7 +11,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 
-from catalog import categorizer, ingest, pipeline
+from catalog import categorizer, evaluation, finetuning, indexing, ingest, pipeline
 
 RELIABLE = {
     "acks_late": True,
@@ -58,6 +58,10 @@ def _ingest_rows_failed(exc, *, job_id: int, first: int, last: int) -> None:
     ingest.ingest_rows_mark_failed(job_id=job_id, first=first, last=last, reason=f"ingest failed: {exc}")
 
 
+def _finetune_failed(exc, *, version_id: int) -> None:
+    finetuning.finetune_fail(version_id=version_id, reason=f"fine-tuning failed: {exc}")
+
+
 def _training_failed(exc, *, version_id: int) -> None:
     categorizer.categorizer_fail(version_id=version_id, reason=f"training failed: {exc}")
 
@@ -72,8 +76,14 @@ def embed_images(image_ids: list[int]) -> dict:
 @shared_task(name="index_images", **RELIABLE)
 def index_images(add_ids: list[int] | None = None, remove_ids: list[int] | None = None,
                  model: dict | None = None) -> dict:
-    """Apply embedded and deleted images to the vector index and publish a new version."""
-    return pipeline.index_apply(add_ids=add_ids or [], remove_ids=remove_ids or [], model=model)
+    """Apply embedded and deleted images to the vector index: one delta segment per model."""
+    return indexing.index_apply(add_ids=add_ids or [], remove_ids=remove_ids or [], model=model)
+
+
+@shared_task(name="compact_index", **RELIABLE)
+def compact_index(identity: str) -> dict:
+    """Fold a model's index overlay into a new base, while updates and searches go on."""
+    return indexing.index_compact(identity=identity)
 
 
 @shared_task(name="requeue_stale_images", **RELIABLE)
@@ -111,3 +121,27 @@ def refresh_ingest_jobs() -> dict:
 def train_categorizer(version_id: int) -> dict:
     """Train the category head from stored embeddings (no model, no GPU: the default queue) and refresh suggestions."""
     return categorizer.categorizer_train(version_id=version_id)
+
+
+@shared_task(
+    name="finetune_model", on_failure=when_retries_spent(_finetune_failed),
+    # Acknowledged early, as a categorizer training: a redelivered copy would train twice at once. A worker
+    # that dies leaves the model's progress still; resume_lost_trainings queues it again to resume.
+    **{**RELIABLE, "acks_late": False, "reject_on_worker_lost": False, "autoretry_for": ()},
+    soft_time_limit=settings.FINETUNE_TIME_LIMIT, time_limit=settings.FINETUNE_TIME_LIMIT + 60,
+)
+def finetune_model(version_id: int) -> dict:
+    """Fine-tune, shadow-embed, evaluate and promote or reject one model (the `train` queue: GPU workers)."""
+    return finetuning.finetune_run(version_id=version_id)
+
+
+@shared_task(name="evaluate_model", **RELIABLE)
+def evaluate_model(version_id: int) -> dict:
+    """Evaluate one model on the catalog's own images and write its report."""
+    return evaluation.evaluation_run(version_id=version_id)
+
+
+@shared_task(name="resume_lost_trainings", **RELIABLE)
+def resume_lost_trainings() -> dict:
+    """Queue again the fine-tunings whose worker died, to resume where they stopped."""
+    return finetuning.trainings_resume_lost()

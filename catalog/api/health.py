@@ -5,7 +5,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from catalog.health import OK, dependencies_check
+from catalog.health import OK, dependencies_check, index_details
 
 
 class HealthChecks(serializers.Serializer):
@@ -13,9 +13,26 @@ class HealthChecks(serializers.Serializer):
     queue = serializers.CharField(help_text='"ok" or "unavailable": the Celery broker (always ok when tasks run in-process)')
 
 
+class IndexDetails(serializers.Serializer):
+    identity = serializers.CharField()
+    kind = serializers.CharField(help_text="flat (exact) or ivf (approximate)")
+    count = serializers.IntegerField(help_text="vectors searched")
+    base = serializers.IntegerField(help_text="vectors in the base")
+    overlay = serializers.IntegerField(help_text="vectors added since the base, not yet compacted")
+    version = serializers.IntegerField(allow_null=True)
+    generation = serializers.IntegerField(allow_null=True)
+    exhaustive = serializers.BooleanField(help_text="every vector's code is scanned: the approximate stage missed "
+                                                    "its recall target")
+    nprobe = serializers.IntegerField()
+    recall_at_10 = serializers.FloatField(allow_null=True, help_text="measured when the base was built")
+    recall_target = serializers.FloatField(allow_null=True)
+    note = serializers.CharField(allow_blank=True, help_text="how the index is searched, and why")
+
+
 class HealthOutput(serializers.Serializer):
     status = serializers.CharField(help_text="ok")
     checks = HealthChecks()
+    index = IndexDetails(allow_null=True, help_text="the index search serves; null before one is published")
 
 
 class HealthDownOutput(serializers.Serializer):
@@ -35,6 +52,6 @@ class HealthApi(APIView):
         checks = dependencies_check()
         down = [name for name, state in checks.items() if state != OK]
         if not down:
-            return Response({"status": OK, "checks": checks})
+            return Response({"status": OK, "checks": checks, "index": index_details()})
         error = f"the {' and the '.join(down)} {'is' if len(down) == 1 else 'are'} unavailable; try again in a minute"
         return Response({"error": error, "checks": checks}, status=503, headers={"Retry-After": "30"})

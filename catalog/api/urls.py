@@ -7,6 +7,15 @@ from catalog.api import views
 from catalog.api.categorizer import CategorizerApi, CategorizerApplyApi, CategorizerTrainApi
 from catalog.api.health import HealthApi
 from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi, IngestJobReportApi
+from catalog.api.models import (
+    EvaluateApi,
+    EvaluateLatestApi,
+    FinetuneApi,
+    ModelDetailApi,
+    ModelListApi,
+    PromoteApi,
+    RollbackApi,
+)
 from catalog.api.search import SearchApi
 
 urlpatterns = [
@@ -24,6 +33,13 @@ urlpatterns = [
     path("categorizer/", CategorizerApi.as_view(), name="categorizer"),
     path("categorizer/train/", CategorizerTrainApi.as_view(), name="categorizer-train"),
     path("categorizer/apply/", CategorizerApplyApi.as_view(), name="categorizer-apply"),
+    path("models/", ModelListApi.as_view(), name="model-list"),
+    path("models/finetune/", FinetuneApi.as_view(), name="model-finetune"),
+    path("models/<int:pk>/", ModelDetailApi.as_view(), name="model-detail"),
+    path("models/<int:pk>/promote/", PromoteApi.as_view(), name="model-promote"),
+    path("models/<int:pk>/rollback/", RollbackApi.as_view(), name="model-rollback"),
+    path("evaluate/", EvaluateApi.as_view(), name="evaluate"),
+    path("evaluate/latest/", EvaluateLatestApi.as_view(), name="evaluate-latest"),
     path("health/", HealthApi.as_view(), name="health"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 def test_health_is_ok_while_the_database_and_the_queue_answer(anon):
     response = anon.get("/api/health/")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "queue": "ok"}}
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "queue": "ok"}, "index": None}
 
 
 def test_a_database_failure_under_a_request_is_a_503_with_a_readable_error(anon, monkeypatch):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from ml import onnx_engine, weights
 from ml.backbones import fold_batch_norms, imagenet_categories
@@ -30,31 +29,10 @@ from ml.weights import (
     efficientnet_pytorch_to_timm,
     resnet50_cache_file,
 )
+from tests.ml.photos import crops, photo
 
 DOMESTIC_CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
 UNREACHABLE_URL = "http://10.255.255.1/models/resnet50-11ad3fa6.pth"  # reserved, never answers
-
-
-def photo(name: str, size: tuple[int, int] | None = None) -> Image.Image:
-    pixels = getattr(data, name)()
-    if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3, axis=-1)
-    image = Image.fromarray(pixels[..., :3])
-    return image.resize(size) if size else image
-
-
-def crops(count: int, seed: int = 0) -> list[Image.Image]:
-    """Varied real-photo crops: near-duplicates and strangers, so neighbour lists mean something."""
-    sources = [photo(name) for name in ("chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry")]
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(count):
-        source = sources[index % len(sources)]
-        side = int(rng.integers(min(source.size) // 3, min(source.size)))
-        left = int(rng.integers(0, source.width - side + 1))
-        top = int(rng.integers(0, source.height - side + 1))
-        images.append(source.crop((left, top, left + side, top + side)).resize((96, 96)))
-    return images
 
 
 @pytest.fixture(scope="module")

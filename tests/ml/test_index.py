@@ -1,38 +1,11 @@
-import hashlib
-import json
-import os
-import signal
-import warnings
-
 import numpy as np
 import pytest
 
-import ml.files
-import ml.index_store
-from ml.index import APPROXIMATE, FLAT, DuplicateIdError, IndexFileError, VectorIndex
-from ml.index_build import build_index, measure_recall
-from ml.index_store import IndexReader, load_index, read_manifest, save_index
-
-IDENTITY = "resnet50:1a2b3c4d5e6f"
-DIM = 64
-APPROX_DIM = 384  # above the 256-d candidate space, so the PCA stage is exercised
-
-
-def catalog_vectors(n, dim, *, seed=0, clusters=30, photos_per_product=3):
-    """Photos of products in categories: a low-rank clustered structure, like real embeddings."""
-    rng = np.random.default_rng(seed)
-    latent = 48
-    projection = rng.standard_normal((latent, dim)) / np.sqrt(latent)
-    categories = rng.standard_normal((clusters, latent))
-    n_products = max(1, n // photos_per_product)
-    products = categories[rng.integers(clusters, size=n_products)] + 0.6 * rng.standard_normal((n_products, latent))
-    z = products[np.arange(n) % n_products] + 0.25 * rng.standard_normal((n, latent))
-    x = z @ projection + 0.05 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def image_ids(n, start=1000):
-    return np.arange(start, start + 7 * n, 7, dtype=np.int64)  # like database ids: not positions
+from ml.index import VectorIndex
+from ml.index_build import build_index, compact, measure_recall
+from ml.index_store import save_index
+from ml.index_terms import APPROXIMATE, FLAT, DuplicateIdError
+from tests.ml.index_data import APPROX_DIM, DIM, IDENTITY, catalog_vectors, image_ids
 
 
 @pytest.fixture
@@ -168,7 +141,8 @@ def test_flat_filtered_search_returns_the_k_best_allowed(flat, allowed_count):
 def test_approximate_filtered_search_returns_k_allowed_even_far_away(approximate, approximate_data, path):
     ids, vectors = approximate_data
     # A small allow-list is scanned exactly; a large one goes through the IVF lists.
-    approximate.filter_scan_limit = 10_000 if path == "scan" else 0
+    settings = approximate.base.settings
+    settings.filter_scan_limit = 10_000 if path == "scan" else 0
     try:
         queries = vectors[:8]
         for query in queries:
@@ -180,7 +154,7 @@ def test_approximate_filtered_search_returns_k_allowed_even_far_away(approximate
             exact = ids[mask][np.argsort(-(vectors[mask] @ query))]
             assert len(np.intersect1d(found[0], exact[:10])) >= 8
     finally:
-        approximate.filter_scan_limit = VectorIndex(IDENTITY, APPROX_DIM).filter_scan_limit
+        settings.filter_scan_limit = type(settings)().filter_scan_limit
 
 
 def test_filtered_search_with_fewer_allowed_than_k(flat):
@@ -203,7 +177,7 @@ def test_approximate_index_is_chosen_above_the_threshold_and_recalls(approximate
     rng = np.random.default_rng(5)  # new photos: catalog vectors moved a little
     fresh_queries = vectors[rng.choice(3000, 100)] + 0.02 * rng.standard_normal((100, APPROX_DIM)).astype(np.float32)
     assert measure_recall(approximate, fresh_queries, 10, ids=ids, vectors=vectors) >= 0.9
-    assert save_index(approximate, tmp_path)["recall_at_10"] == approximate.recall_at_10
+    assert save_index(approximate, tmp_path)["base"]["quality"]["recall_at_10"] == approximate.recall_at_10
     assert build_index(ids[:900], vectors[:900], IDENTITY, exact_threshold=1000).kind == FLAT
 
 
@@ -222,234 +196,52 @@ def test_approximate_index_add_remove_upsert(approximate_data):
     assert len(index) == 2050 and len(np.unique(index.ids())) == 2050
 
 
-def test_needs_rebuild_when_a_flat_index_outgrows_its_threshold():
+def test_needs_compaction_when_a_flat_index_outgrows_its_threshold():
     index = VectorIndex(IDENTITY, DIM, exact_threshold=100)
     index.add(image_ids(100), catalog_vectors(100, DIM))
-    assert not index.needs_rebuild
+    assert not index.needs_compaction
     index.add([5], catalog_vectors(1, DIM, seed=3))
-    assert index.needs_rebuild
+    assert index.needs_compaction
+    base, done = compact(index)
+    assert base.kind == FLAT and len(base) == 101 and "rebuilt" in done  # under 1,000 vectors: still exact
 
 
-# ----- persistence ------------------------------------------------------------------------
+def test_compaction_folds_the_overlay_into_a_new_approximate_base(approximate_data):
+    ids, vectors = approximate_data
+    index = build_index(ids[:2500], vectors[:2500], IDENTITY, exact_threshold=1000)
+    index.remove(ids[:100])
+    index.upsert(ids[100:150], vectors[2900:2950])
+    index.add(ids[2500:2600], vectors[2500:2600])
+    before = index.search(vectors[2500:2520], 5)
+
+    base, done = compact(index)
+
+    assert done.startswith("merged") and base.trained_count == index.base.trained_count  # no retraining
+    folded = VectorIndex(IDENTITY, APPROX_DIM, base=base, exact_threshold=1000)
+    assert len(folded) == len(index) == 2500 and not folded.contains(int(ids[0]))
+    np.testing.assert_array_equal(folded.ids(), index.ids())
+    assert folded.search(vectors[2900:2901], 1)[1][0, 0] == ids[100], "the replaced vector moved with its id"
+    np.testing.assert_array_equal(folded.search(vectors[2500:2520], 5)[1][:, 0], before[1][:, 0])
 
 
-def test_save_and_load_round_trip_flat(flat, tmp_path):
-    index, vectors = flat
-    manifest = save_index(index, tmp_path)
-    assert manifest["version"] == 1 and manifest["count"] == 500 and manifest["identity"] == IDENTITY
-    assert manifest["kind"] == FLAT and manifest["recall_at_10"] is None
-    assert (tmp_path / manifest["file"]).stat().st_size == manifest["size"]
-    loaded = load_index(tmp_path, expected_identity=IDENTITY)
-    assert loaded.version == 1 and len(loaded) == 500
-    for a, b in zip(index.search(vectors[:30], 10), loaded.search(vectors[:30], 10)):
-        np.testing.assert_array_equal(a, b)
+def test_compaction_retrains_when_the_new_vectors_drifted(approximate_data):
+    ids, vectors = approximate_data
+    index = build_index(ids[:1500], vectors[:1500], IDENTITY, exact_threshold=1000)
+    elsewhere = catalog_vectors(400, APPROX_DIM, seed=77, clusters=5)  # another catalog's vectors
+    index.add(image_ids(400, start=90_000), elsewhere)
+
+    base, done = compact(index)
+
+    assert done.startswith("built anew") and "farther from the list centres" in done
+    assert base.trained_count == 1900
 
 
-def test_save_and_load_round_trip_approximate(approximate, approximate_data, tmp_path):
-    _, vectors = approximate_data
-    save_index(approximate, tmp_path)
-    loaded = load_index(tmp_path)
-    assert loaded.kind == APPROXIMATE and loaded.nprobe == approximate.nprobe
-    for allow in (None, approximate.ids()[::3]):
-        expected = approximate.search(vectors[:30], 10, allow_ids=allow)
-        for a, b in zip(expected, loaded.search(vectors[:30], 10, allow_ids=allow)):
-            np.testing.assert_array_equal(a, b)
+def test_an_approximate_base_that_misses_its_recall_target_scans_every_code_and_says_why():
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((4000, APPROX_DIM)).astype(np.float32)  # no structure for IVF lists to use
+    index = build_index(image_ids(4000), noise, IDENTITY, exact_threshold=1000, target_recall=0.99)
 
-
-def published_file(directory):
-    return directory / read_manifest(directory)["file"]
-
-
-def test_corrupt_file_is_refused(flat, tmp_path):
-    save_index(flat[0], tmp_path)
-    path = published_file(tmp_path)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8])
-    path.write_bytes(bytes(data))
-    with pytest.raises(IndexFileError, match=r"corrupt \(sha256 mismatch\).*manage.py reindex"):
-        load_index(tmp_path)
-
-
-def test_truncated_file_is_refused(flat, tmp_path):
-    save_index(flat[0], tmp_path)
-    path = published_file(tmp_path)
-    os.truncate(path, path.stat().st_size // 3)
-    with pytest.raises(IndexFileError, match="truncated"):
-        load_index(tmp_path)
-
-
-def test_unreadable_file_matching_its_manifest_is_refused(flat, tmp_path):
-    save_index(flat[0], tmp_path)
-    path = published_file(tmp_path)
-    path.write_bytes(b"not an index at all")
-    rewrite_manifest(tmp_path, size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    with pytest.raises(IndexFileError, match="corrupt"):
-        load_index(tmp_path)
-
-
-def rewrite_manifest(directory, **changes):
-    path = directory / "manifest.json"
-    manifest = json.loads(path.read_text())
-    path.write_text(json.dumps({**manifest, **changes}))
-
-
-def test_identity_mismatch_is_refused(flat, tmp_path):
-    save_index(flat[0], tmp_path)
-    with pytest.raises(IndexFileError, match="efficientnet_lite0:0011"):
-        load_index(tmp_path, expected_identity="efficientnet_lite0:0011")
-    rewrite_manifest(tmp_path, identity="efficientnet_lite0:0011")
-    with pytest.raises(IndexFileError, match="does not match"):
-        load_index(tmp_path, expected_identity="efficientnet_lite0:0011")
-
-
-def test_dimension_mismatch_is_refused(flat, tmp_path):
-    save_index(flat[0], tmp_path)
-    rewrite_manifest(tmp_path, dimension=2048)
-    with pytest.raises(IndexFileError, match="dimension is 64 in the file and 2048 in the manifest"):
-        load_index(tmp_path)
-
-
-def test_manifest_naming_another_version_is_refused(flat, tmp_path):
-    index, vectors = flat
-    save_index(index, tmp_path)
-    first = read_manifest(tmp_path)
-    index.remove(image_ids(500)[:5])
-    save_index(index, tmp_path)
-    rewrite_manifest(tmp_path, file=first["file"], sha256=first["sha256"], size=first["size"])
-    with pytest.raises(IndexFileError, match="does not match .*manifest.json: count is 500 in the file and 495"):
-        load_index(tmp_path)
-
-
-def test_missing_index_has_an_actionable_error(tmp_path):
-    with pytest.raises(IndexFileError, match="no index has been published.*manage.py reindex"):
-        load_index(tmp_path)
-
-
-def test_one_directory_holds_one_model_identity(flat, tmp_path):
-    save_index(flat[0], tmp_path)
-    other = VectorIndex("efficientnet_lite0:0011", DIM)
-    with pytest.raises(IndexFileError, match="own index directory"):
-        save_index(other, tmp_path)
-    assert read_manifest(tmp_path)["identity"] == IDENTITY
-
-
-def test_versions_increase_and_only_the_last_two_are_kept(flat, tmp_path):
-    index, _ = flat
-    versions = [save_index(index, tmp_path, grace_seconds=0)["version"] for _ in range(4)]
-    assert versions == [1, 2, 3, 4]
-    assert sorted(p.name for p in tmp_path.glob("index-*")) == ["index-00000003.vsi", "index-00000004.vsi"]
-
-
-def test_old_versions_survive_their_grace_period(flat, tmp_path):
-    index, _ = flat
-    for _ in range(3):
-        save_index(index, tmp_path, grace_seconds=3600)
-    assert len(list(tmp_path.glob("index-*.vsi"))) == 3
-
-
-def test_a_failed_write_publishes_nothing_and_leaves_no_temporary_file(flat, tmp_path, monkeypatch):
-    index, vectors = flat
-    save_index(index, tmp_path)
-
-    def fail(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ml.index_store.faiss, "write_index", fail)
-    index.remove(image_ids(500)[:1])
-    with pytest.raises(OSError, match="No space"):
-        save_index(index, tmp_path)
-    assert read_manifest(tmp_path)["version"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "index-00000001.vsi", "manifest.json"]
-
-
-def arm_crash(point):
-    """In a forked writer: die by SIGKILL at ``point`` of publishing, as a power cut would."""
-
-    def die():
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    if point == "mid-write":
-        write = ml.files._HashingWriter.write
-
-        def write_then_die(self, data):
-            if self.size > 4096:
-                write(self, data[: len(data) // 2])
-                die()
-            return write(self, data)
-
-        ml.files._HashingWriter.write = write_then_die
-    else:
-        replace = os.replace
-        target = ".vsi" if point == "before-rename" else "manifest.json"
-
-        def replace_or_die(src, dst):
-            if str(dst).endswith(target):
-                die()
-            return replace(src, dst)
-
-        os.replace = replace_or_die
-
-
-@pytest.mark.parametrize("point", ["mid-write", "before-rename", "before-manifest"])
-def test_a_writer_killed_while_publishing_leaves_the_previous_version(flat, tmp_path, point):
-    index, vectors = flat
-    save_index(index, tmp_path)
-    before = index.search(vectors[:10], 5)
-    replacement = VectorIndex(IDENTITY, DIM)
-    replacement.add(image_ids(300, start=50_000), catalog_vectors(300, DIM, seed=9))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() from a process with threads
-        pid = os.fork()
-    if pid == 0:
-        try:
-            arm_crash(point)
-            save_index(replacement, tmp_path)
-        finally:
-            os._exit(3)  # reached only if the crash did not happen
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
-    manifest = read_manifest(tmp_path)
-    assert manifest["version"] == 1 and manifest["file"] == "index-00000001.vsi"
-    loaded = load_index(tmp_path)
-    for a, b in zip(before, loaded.search(vectors[:10], 5)):
-        np.testing.assert_array_equal(a, b)
-
-    assert save_index(replacement, tmp_path)["version"] >= 2  # the next publish goes through
-    assert load_index(tmp_path).contains(50_000)
-
-
-# ----- reading published versions ---------------------------------------------------------
-
-
-def test_reader_picks_up_a_new_version_and_keeps_the_old_object_usable(flat, tmp_path):
-    index, vectors = flat
-    save_index(index, tmp_path)
-    reader = IndexReader(tmp_path, expected_identity=IDENTITY, check_interval=0)
-    first = reader.current()
-    assert first.version == 1 and reader.current() is first, "no reload without a new version"
-
-    index.upsert(image_ids(1, start=77), vectors[:1])
-    save_index(index, tmp_path)
-    second = reader.current()
-    assert second.version == 2 and second.contains(77)
-    assert not first.contains(77) and first.search(vectors[:1], 1)[1][0, 0] == image_ids(500)[0]
-
-
-def test_reader_keeps_serving_when_a_new_version_is_corrupt(flat, tmp_path):
-    index, _ = flat
-    save_index(index, tmp_path)
-    reader = IndexReader(tmp_path, check_interval=0)
-    assert reader.current().version == 1
-    save_index(index, tmp_path)
-    path = published_file(tmp_path)
-    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-    assert reader.current().version == 1
-    save_index(index, tmp_path)
-    assert reader.current().version == 3
-
-
-def test_reader_without_any_index_says_how_to_build_one(tmp_path):
-    with pytest.raises(IndexFileError, match="manage.py reindex"):
-        IndexReader(tmp_path).current()
+    assert index.base.settings.exhaustive
+    assert "exact search over every vector's" in index.base.quality.note and "under the 0.99 target" in index.base.quality.note
+    assert index.recall_at_10 >= 0.9  # the codes' own ranking
+    assert index.describe()["exhaustive"] is True

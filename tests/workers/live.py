@@ -41,7 +41,7 @@ class Workers:
     def start(self, name: str) -> subprocess.Popen:
         log = open(self.data_dir / f"worker-{name}.log", "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "visualsearch", "worker", "-B", "-Q", "embed,index,default",
+            [sys.executable, "-m", "celery", "-A", "visualsearch", "worker", "-B", "-Q", "embed,index,compact,train,default",
              "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO",
              "-s", str(self.data_dir / f"beat-{name}")],
             cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

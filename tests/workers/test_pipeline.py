@@ -11,8 +11,8 @@ from django.core.files.storage import default_storage
 from django.core.management import call_command
 from django.db import OperationalError
 
-import ml.index_store
-from catalog import pipeline, process_cache, search, services, serving
+import ml.segments
+from catalog import indexing, pipeline, process_cache, search, services, serving
 from catalog.models import ProductImage
 from ml.index_store import index_directory, load_index, save_index
 from workers.tasks import embed_images
@@ -63,8 +63,8 @@ def test_embedding_twice_leaves_the_same_state(photo):
     before = bytes(image.embedding)
     result = pipeline.images_embed(image_ids=[image.pk])
     assert result == {"embedded": 0, "already": 1, "failed": 0}
-    pipeline.index_apply(add_ids=[image.pk], remove_ids=[])
-    pipeline.index_apply(add_ids=[image.pk], remove_ids=[])
+    indexing.index_apply(add_ids=[image.pk], remove_ids=[])
+    indexing.index_apply(add_ids=[image.pk], remove_ids=[])
     image.refresh_from_db()
     assert bytes(image.embedding) == before and image.status == "indexed"
     assert published_ids() == {image.pk}
@@ -101,11 +101,11 @@ def test_a_publish_refused_by_a_full_disk_keeps_the_last_version_and_its_retry_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patched:
-        patched.setattr(ml.index_store, "atomic_write", disk_full)
+        patched.setattr(ml.segments, "atomic_write", disk_full)
         with pytest.raises(OSError, match="No space left on device"):
-            pipeline.index_apply(add_ids=[], remove_ids=[cat.pk])  # the image was deleted
+            indexing.index_apply(add_ids=[], remove_ids=[cat.pk])  # the image was deleted
     assert published_ids() == {cat.pk, coffee.pk}  # the published version still serves, whole
-    pipeline.index_apply(add_ids=[], remove_ids=[cat.pk])  # the task's retry, once there is space again
+    indexing.index_apply(add_ids=[], remove_ids=[cat.pk])  # the task's retry, once there is space again
     assert published_ids() == {coffee.pk}
 
 
@@ -190,15 +190,15 @@ def test_the_index_writer_switches_search_to_a_model_without_loading_it(photo, s
     served = serving.active_index()
     (settings.INDEX_DIR / serving.ACTIVE_FILE).unlink()  # as before any model was served
     ProductImage.objects.filter(pk=cat.pk).update(status="processing")  # embedded, not indexed yet
-    monkeypatch.setattr(pipeline, "get_embedder", lambda spec=None: pytest.fail("the index writer loaded a model"))
+    monkeypatch.setattr(indexing, "get_embedder", lambda spec=None: pytest.fail("the index writer loaded a model"))
     model = {key: served[key] for key in ("identity", "backbone", "weights")}
 
     # A leftover batch of a model configured before is indexed but never served.
-    pipeline.index_apply(add_ids=[cat.pk], remove_ids=[], model={**model, "configured": ["resnet50", "random"]})
+    indexing.index_apply(add_ids=[cat.pk], remove_ids=[], model={**model, "configured": ["resnet50", "random"]})
     assert serving.active_index() is None
 
     ProductImage.objects.filter(pk=cat.pk).update(status="processing")
-    pipeline.index_apply(
+    indexing.index_apply(
         add_ids=[cat.pk], remove_ids=[], model={**model, "configured": [settings.EMBED_BACKBONE, settings.EMBED_WEIGHTS]}
     )
     active = serving.active_index()

@@ -15,10 +15,10 @@ from catalog.ingest import (
     ingest_job_start,
     ingest_rows_process,
 )
+from catalog.management.progress import ProgressBar
 from catalog.models import IngestJob
 from catalog.pipeline import images_requeue_stale
 
-BAR_WIDTH = 30
 ERRORS_SHOWN = 20
 
 
@@ -50,8 +50,7 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"ingest job {job.pk}: {manifest}" + (f" with {archive}" if archive else ""))
-        self._tty = self.stdout.isatty()
-        self._last_line, self._last_text = 0.0, ""
+        self._bar = ProgressBar(self.stdout)
 
         if eager:
             # No workers: run the chunks here, one after the other, drawing the bar between them.
@@ -67,26 +66,16 @@ class Command(BaseCommand):
                     images_requeue_stale()  # no beat runs embedded: an image left pending is queued again here
                 job = ingest_job_refresh(job=IngestJob.objects.get(pk=job.pk))
         except KeyboardInterrupt:
-            self.stdout.write(f"\nthe job goes on in the workers; follow it at /api/ingest-jobs/{job.pk}/")
+            self._bar.end()
+            self.stdout.write(f"the job goes on in the workers; follow it at /api/ingest-jobs/{job.pk}/")
             return
         self._draw(job, final=True)
         self._summary(job)
 
     def _draw(self, job: IngestJob, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self._tty and not final and now - self._last_line < 5:
-            return  # a log file gets a line every few seconds, not a stream of carriage returns
-        self._last_line = now
-        done = job.processed / job.total if job.total else (1.0 if job.is_finished else 0.0)
-        filled = round(BAR_WIDTH * done)
         rate = f"  {job.images_per_s:.1f} images/s" if job.images_per_s else ""
-        line = (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done:4.0%}  {job.processed}/{job.total} rows  "
-                f"{job.succeeded} ok  {job.failed} failed{rate}")
-        if not self._tty and line == self._last_text:
-            return
-        self._last_text = line
-        self.stdout.write(("\r" + line) if self._tty else line, ending="\n" if final or not self._tty else "")
-        self.stdout.flush()
+        self._bar.show(job.processed, job.total or (1 if job.is_finished else 0),
+                       f"{job.processed}/{job.total} rows  {job.succeeded} ok  {job.failed} failed{rate}", final=final)
 
     def _summary(self, job: IngestJob) -> None:
         seconds = (job.finished_at - job.started_at).total_seconds() if job.started_at else 0

@@ -1,9 +1,11 @@
 """manage.py reindex: rebuild the vector index from the database, or verify and repair it."""
 import json
+import resource
 
 from django.core.management.base import BaseCommand
 
-from catalog.pipeline import index_rebuild, index_verify
+from catalog.indexing import index_rebuild, index_verify
+from catalog.management.progress import ProgressBar
 
 
 class Command(BaseCommand):
@@ -18,12 +20,20 @@ class Command(BaseCommand):
 
     def handle(self, *args, verify: bool, dry_run: bool, **options):
         if not verify:
-            result = index_rebuild()
+            bar = ProgressBar(self.stdout)
+            result = index_rebuild(on_progress=lambda stage, done, total: bar.show(
+                done, total, f"{stage}: {done}/{total} images"))
+            bar.end()
             self.stdout.write(
                 f"index of {result['identity']}: {result['indexed']} images published"
                 + (f" (version {result['version']}, {result['kind']})" if result["indexed"] else "")
                 + f"; {result['queued_for_embedding']} images queued for embedding"
             )
+            if result["indexed"]:
+                recall = result["recall_at_10"]
+                self.stdout.write(f"search: {result['note']}" + (f"; recall@10 {recall:.3f}" if recall else ""))
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.stdout.write(f"peak memory of this process: {peak_mb:.0f} MB")
             return
         report = index_verify(repair=not dry_run)
         self.stdout.write(

@@ -1,0 +1,167 @@
+"""The catalog's own evaluation of a model: search by shopper-like photos, categories of held-out products.
+
+Both a served model and a candidate are measured on exactly the same queries (``ml.catalog_eval``): one
+per product, made from a catalog image by transformations no training uses, and the same held-out
+products for the category figures. The serving model's vectors are the database's; any other model's are
+in its vector store. Results are stored on the model's row with an HTML report.
+"""
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.utils import timezone
+from PIL import Image
+
+from catalog.model_versions import serving_version, vector_store
+from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
+from catalog.queue import enqueue, queue_check
+from catalog.reports import write_evaluation_report
+from catalog.selectors import embedded_images
+from catalog.serving import get_embedder
+from ml.augment import cluttered_backgrounds
+from ml.catalog_eval import CatalogVectors, category_metrics, held_out, query_plan, search_metrics, shopper_queries
+from ml.images import ImageDecodeError, decode_image
+
+logger = logging.getLogger(__name__)
+Status = ModelVersion.Status
+QUERY_DECODE_SIDE = 448  # catalog images are decoded at least this large before a query photo is made of them
+QUERY_BATCH = 32
+
+
+@dataclass(frozen=True)
+class CatalogImages:
+    """The catalog as the evaluation sees it: active products' images that did not fail."""
+
+    image_ids: np.ndarray
+    product_ids: np.ndarray
+    category_of: dict[int, str]  # product id -> category path (categorized products only)
+    files: dict[int, str]
+
+
+def catalog_images() -> CatalogImages:
+    rows = list(ProductImage.objects.filter(product__is_active=True).exclude(status=ProductImage.Status.FAILED)
+                .order_by("id").values_list("id", "product_id", "file"))
+    categories = {}
+    for product_id, path_parts in _category_paths():
+        categories[product_id] = path_parts
+    return CatalogImages(
+        image_ids=np.array([r[0] for r in rows], dtype=np.int64),
+        product_ids=np.array([r[1] for r in rows], dtype=np.int64),
+        category_of=categories,
+        files={r[0]: r[2] for r in rows},
+    )
+
+
+def _category_paths():
+    paths = {c.pk: c.path for c in Category.objects.select_related("parent")}
+    for product_id, category_id in Product.objects.filter(category__isnull=False).values_list("id", "category_id"):
+        yield product_id, paths[category_id]
+
+
+def model_vectors(version: ModelVersion, catalog: CatalogImages, serving: ModelVersion | None) -> CatalogVectors:
+    """The model's vectors of the catalog's images: the database's for the serving model, else its store's."""
+    wanted = set(catalog.image_ids.tolist())
+    product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
+    ids, vectors = [], []
+    if serving is not None and version.pk == serving.pk:
+        for pk, blob in embedded_images(version.identity).order_by("id").values_list("id", "embedding").iterator(
+                chunk_size=2000):
+            if pk in wanted:
+                ids.append(pk)
+                vectors.append(embedding_from_bytes(blob))
+    else:
+        for chunk_ids, chunk_vectors in vector_store(version):
+            keep = np.isin(chunk_ids, catalog.image_ids)
+            ids.extend(chunk_ids[keep].tolist())
+            vectors.extend(chunk_vectors[keep])
+    if not ids:
+        raise ValidationError(f"model {version.pk} has no vectors of the catalog's images to evaluate")
+    array = np.stack(vectors).astype(np.float32)
+    array /= np.linalg.norm(array, axis=1, keepdims=True)
+    return CatalogVectors(np.array(ids, dtype=np.int64), np.array([product_of[i] for i in ids], dtype=np.int64), array)
+
+
+def load_catalog_image(file_name: str) -> Image.Image:
+    with default_storage.open(file_name, "rb") as f:
+        data = f.read()
+    image, _ = decode_image(data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
+                            max_pixels=settings.IMAGE_MAX_PIXELS, min_side=QUERY_DECODE_SIDE)
+    return image
+
+
+def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:
+    """Each model's figures on the same queries and held-out products: [{"search", "categories"}]."""
+    catalog = catalog_images()
+    if len(catalog.image_ids) < 2:
+        raise ValidationError("the catalog needs images of at least two products to be evaluated")
+    plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())))
+    backgrounds = cluttered_backgrounds()
+    serving = serving_version()
+    results = []
+    for number, version in enumerate(versions):
+        vectors = model_vectors(version, catalog, serving)
+        model = get_embedder({"backbone": version.backbone, "weights": version.weights})
+        query_vectors = []
+        for start in range(0, len(plan), QUERY_BATCH):
+            # The same seeded photos for every model, made again rather than all held in memory.
+            photos = shopper_queries(plan[start:start + QUERY_BATCH],
+                                     lambda image_id: load_catalog_image(catalog.files[image_id]), backgrounds)
+            query_vectors.append(model.embed([photo for _, photo, _ in photos]).vectors)
+            if on_progress:
+                on_progress(f"evaluating model {version.pk}", number * len(plan) + start + len(photos),
+                            len(versions) * len(plan))
+        search = search_metrics(vectors, plan, np.concatenate(query_vectors), catalog.category_of)
+        results.append({"search": search, "categories": _category_figures(vectors, catalog, version.identity),
+                        "queries": len(plan), "images": len(vectors.image_ids)})
+    return results
+
+
+def _category_figures(vectors: CatalogVectors, catalog: CatalogImages, identity: str) -> dict | None:
+    train_rows, test_rows = [], []
+    for row, product in enumerate(vectors.product_ids.tolist()):
+        if product in catalog.category_of:
+            (test_rows if held_out(product) else train_rows).append(row)
+    train = (vectors.vectors[train_rows], [catalog.category_of[int(vectors.product_ids[r])] for r in train_rows],
+             [int(vectors.product_ids[r]) for r in train_rows])
+    test = (vectors.vectors[test_rows], [catalog.category_of[int(vectors.product_ids[r])] for r in test_rows])
+    return category_metrics(train, test, identity=identity)
+
+
+# ----- the served model's evaluation, on demand ------------------------------------------------------
+
+def evaluation_start() -> ModelVersion:
+    """Queue the evaluation of the serving model (POST /api/evaluate/, manage.py evaluate)."""
+    serving = serving_version()
+    if serving is None:
+        raise ValidationError("no model serves yet: upload product images first")
+    queue_check()
+    with transaction.atomic():
+        ModelVersion.objects.filter(pk=serving.pk).update(progress={"stage": "queued for evaluation"})
+        transaction.on_commit(lambda: enqueue("evaluate_model", version_id=serving.pk))
+    serving.refresh_from_db()
+    return serving
+
+
+def evaluation_run(*, version_id: int) -> dict:
+    """Evaluate one model (the serving one, on demand) and store its figures and report."""
+    version = ModelVersion.objects.get(pk=version_id)
+    try:
+        [metrics] = evaluate([version])
+    except (ValidationError, ImageDecodeError) as exc:
+        message = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+        ModelVersion.objects.filter(pk=version.pk).update(progress={"stage": "evaluation failed", "error": message})
+        return {"error": message}
+    ModelVersion.objects.filter(pk=version.pk).update(metrics=metrics, progress={"stage": "evaluated"},
+                                                      updated_at=timezone.now())
+    version.refresh_from_db()
+    evaluation_report(version)
+    return metrics
+
+
+def evaluation_report(version: ModelVersion) -> None:
+    path = write_evaluation_report(version=version)
+    ModelVersion.objects.filter(pk=version.pk).update(report_file=str(path.relative_to(settings.REPORTS_DIR)))
