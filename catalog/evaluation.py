@@ -23,7 +23,16 @@ from catalog.reports import write_evaluation_report
 from catalog.selectors import embedded_images
 from catalog.serving import get_embedder
 from ml.augment import cluttered_backgrounds
-from ml.catalog_eval import CatalogVectors, category_metrics, held_out, query_plan, search_metrics, shopper_queries
+from ml.catalog_eval import (
+    CatalogVectors,
+    category_metrics,
+    held_out,
+    match_calibration,
+    query_plan,
+    rank_products,
+    search_metrics,
+    shopper_queries,
+)
 from ml.images import ImageDecodeError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -114,8 +123,10 @@ def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:
             if on_progress:
                 on_progress(f"evaluating model {version.pk}", number * len(plan) + start + len(photos),
                             len(versions) * len(plan))
-        search = search_metrics(vectors, plan, np.concatenate(query_vectors), catalog.category_of)
-        results.append({"search": search, "categories": _category_figures(vectors, catalog, version.identity),
+        rankings = rank_products(vectors, plan, np.concatenate(query_vectors))
+        results.append({"search": search_metrics(rankings, plan, catalog.category_of),
+                        "categories": _category_figures(vectors, catalog, version.identity),
+                        "calibration": match_calibration(rankings, catalog.category_of),
                         "queries": len(plan), "images": len(vectors.image_ids)})
     return results
 

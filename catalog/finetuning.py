@@ -9,6 +9,7 @@ otherwise it ends `rejected`. Nothing the serving model needs is touched before 
 """
 import datetime
 import logging
+import dataclasses
 import time
 from dataclasses import asdict
 
@@ -101,9 +102,11 @@ def _train(version: ModelVersion) -> None:
         for image, product in zip(catalog.image_ids, catalog.product_ids) if not held_out(int(product))
     ]
     embedder = get_embedder({"backbone": version.backbone, "weights": version.weights})
-    config = default_config(version.backbone, embedder.device, version.epochs)
-    if version.decision.get("config"):
-        config = FinetuneConfig(**{**version.decision["config"], "epochs": config.epochs})
+    if version.decision.get("config"):  # settings given when the training was queued; epochs= still wins
+        config = FinetuneConfig(**version.decision["config"])
+        config = config if version.epochs is None else dataclasses.replace(config, epochs=version.epochs)
+    else:
+        config = default_config(version.backbone, embedder.device, version.epochs)
     directory = model_directory(version)
     directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

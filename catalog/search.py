@@ -5,20 +5,22 @@ READER_CHECK_SECONDS and swaps in a new version without blocking searches alread
 """
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from catalog.category_heads import head_predict_categories
-from catalog.models import Category, Product, ProductImage, embedding_from_bytes
+from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
 from catalog.process_cache import ProcessCache
 from catalog.selectors import category_descendant_ids
 from catalog.serving import active_index, query_embedder
+from ml.catalog_eval import match_of
 from ml.images import ImageDecodeError, decode_image
 from ml.index_store import IndexReader, index_directory
 from ml.index_terms import IndexFileError
+from ml.localize import Box, object_boxes
 
 READER_CHECK_SECONDS = 0.5
 
@@ -111,6 +113,44 @@ class SearchResult:
     predicted_categories: list[tuple[Category, float]]
     labels: list[tuple[str, float]]
     took_ms: int
+    matches: list[str] = field(default_factory=list)  # "same_product", "similar" or "weak", per hit
+    objects: list[Box] = field(default_factory=list)  # the distinct objects of the query photo
+
+
+MIN_SHOWN_CATEGORY = 0.005  # a predicted category under half a percent would show as 0 %
+_calibrations: ProcessCache[str, dict | None] = ProcessCache("match calibrations")
+CALIBRATION_CHECK_SECONDS = 30
+
+
+def match_calibration(identity: str) -> dict | None:
+    """The served model's thresholds for "same_product" and "weak" (from its evaluation on the catalog)."""
+    def load() -> dict | None:
+        version = ModelVersion.objects.filter(identity=identity, status=ModelVersion.Status.SERVING).first()
+        return (version.metrics or {}).get("calibration") if version else None
+
+    return _calibrations.get(identity, load, stamp=int(time.monotonic() // CALIBRATION_CHECK_SECONDS))
+
+
+def decode_query(image_data: bytes, min_side: int):
+    """The shopper's photo, decoded (never stored); a 400 saying why when it is not an image."""
+    try:
+        pil, _ = decode_image(
+            image_data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
+            max_pixels=settings.IMAGE_MAX_PIXELS, min_side=min_side,
+        )
+    except ImageDecodeError as exc:
+        raise ValidationError({"image": str(exc)}) from None
+    return pil
+
+
+def crop_to(image, box: list[float] | None):
+    """The region ``box`` ([x0, y0, x1, y1] fractions) of an image; the image itself without a box."""
+    if box is None:
+        return image
+    x0, y0, x1, y1 = box
+    width, height = image.size
+    return image.crop((round(x0 * width), round(y0 * height), max(round(x1 * width), round(x0 * width) + 1),
+                       max(round(y1 * height), round(y0 * height) + 1)))
 
 
 def _filtered_products(*, category_id: int | None, min_price, max_price):
@@ -162,21 +202,19 @@ def search_catalog(
     category_id: int | None = None,
     min_price=None,
     max_price=None,
+    box: list[float] | None = None,
 ) -> SearchResult:
-    """Search by an image (never stored) or by a catalog product ("more like this")."""
+    """Search by an image (never stored), or its region ``box``, or by a catalog product ("more like this")."""
     started = time.perf_counter()
     labels: list[tuple[str, float]] = []
+    objects: list[Box] = []
     if image_data is not None:
         model = query_embedder()
-        try:
-            pil, _ = decode_image(
-                image_data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
-                max_pixels=settings.IMAGE_MAX_PIXELS, min_side=model.min_side,
-            )
-        except ImageDecodeError as exc:
-            raise ValidationError({"image": str(exc)}) from None
-        embedded = model.embed([pil])
-        vector, labels = embedded.vectors[0], list(embedded.labels[0])
+        photo = decode_query(image_data, model.min_side)
+        # One batch: the whole photo (its objects) and, with a box, the region searched.
+        embedded = model.embed([photo] if box is None else [photo, crop_to(photo, box)], maps=True)
+        objects = object_boxes(photo, embedded.maps[0], model.preset)
+        vector, labels = embedded.vectors[-1], list(embedded.labels[-1])
     else:
         if not Product.objects.filter(pk=product_id).exists():
             raise ValidationError({"product": f"there is no product {product_id}"})
@@ -192,8 +230,11 @@ def search_catalog(
     products = _filtered_products(category_id=category_id, min_price=min_price, max_price=max_price)
     try:
         hits = similar_products(vector, k=k, products=products, exclude_product_id=product_id)
-        predicted = predict_categories(vector)
+        predicted = [(c, p) for c, p in predict_categories(vector) if p >= MIN_SHOWN_CATEGORY]
     except SearchUnavailable:
         hits, predicted = [], []
+    active = active_index()
+    calibration = match_calibration(active["identity"]) if active else None
     return SearchResult(hits=hits, predicted_categories=predicted, labels=labels,
-                        took_ms=round((time.perf_counter() - started) * 1000))
+                        took_ms=round((time.perf_counter() - started) * 1000),
+                        matches=[match_of(hit.score, calibration) for hit in hits], objects=objects)

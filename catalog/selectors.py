@@ -8,6 +8,19 @@ def category_list() -> QuerySet[Category]:
     return Category.objects.select_related("parent").order_by("slug")
 
 
+def category_tree() -> list[tuple[Category, int]]:
+    """Every category with its depth, in catalog order: each parent, then its children by name."""
+    children: dict[int | None, list[Category]] = {}
+    for category in Category.objects.order_by("name", "id"):
+        children.setdefault(category.parent_id, []).append(category)
+    ordered, stack = [], [(category, 0) for category in reversed(children.get(None, []))]
+    while stack:
+        category, depth = stack.pop()
+        ordered.append((category, depth))
+        stack.extend((child, depth + 1) for child in reversed(children.get(category.pk, [])))
+    return ordered
+
+
 def category_descendant_ids(category_id: int) -> list[int]:
     """The category and every category below it."""
     children: dict[int | None, list[int]] = {}

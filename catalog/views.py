@@ -20,7 +20,8 @@ IMAGE_MEDIA_TYPES = {ext: Image.MIME[fmt] for fmt, ext in FORMAT_EXTENSIONS.item
 def home(request):
     """The shopper page: search the catalog with a photo."""
     return render(request, "catalog/home.html", {
-        "categories": selectors.category_list(),
+        # Indented by depth, in catalog order: a tree in a select (non-breaking spaces survive rendering).
+        "categories": [(c, "\u00a0\u00a0\u00a0" * depth + c.name) for c, depth in selectors.category_tree()],
         "has_products": selectors.product_list(active_only=True).exists(),
     })
 

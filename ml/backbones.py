@@ -24,18 +24,29 @@ def imagenet_categories() -> tuple[str, ...]:
 
 
 class ClassifierEmbedder(nn.Module):
-    """The backbone with its classifier split off, so one pass returns pooled features and logits."""
+    """The backbone with its classifier split off: one pass returns the pooled features (the search vector
+    before normalisation), the ImageNet logits, and the spatial feature maps they were pooled from (what
+    localises objects and explains matches)."""
 
     def __init__(self, trunk: nn.Module, classifier: nn.Module):
         super().__init__()
         self.trunk = trunk
         self.classifier = classifier
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.trunk(x).float()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps = self.maps(x).float()
+        pooled = maps.mean(dim=(2, 3))  # both backbones pool by averaging
         # Labels stay fp32 under autocast: the head is cheap, and bf16 logits tie close classes.
         with torch.autocast(x.device.type, enabled=False):
-            return pooled, self.classifier(pooled)
+            return pooled, self.classifier(pooled), maps
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.trunk
+        if hasattr(trunk, "forward_features"):  # timm
+            return trunk.forward_features(x)
+        # torchvision's ResNet, up to its average pool (attributes read here: folding replaces layers)
+        x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+        return trunk.layer4(trunk.layer3(trunk.layer2(trunk.layer1(x))))
 
 
 

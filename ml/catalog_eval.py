@@ -68,21 +68,28 @@ class CatalogVectors:
     vectors: np.ndarray  # float32, unit rows
 
 
-def search_metrics(catalog: CatalogVectors, plan: list[Query], query_vectors: np.ndarray,
-                   category_of: dict[int, str], *, depth: int = 200) -> dict:
-    """Recall@1, recall@10 and mean reciprocal rank of the exact product, overall and per category.
+@dataclass(frozen=True)
+class Rankings:
+    """Each query's products, best first, with their best image's cosine score."""
 
-    Products are ranked by their best image. When a product has other images, the query's own catalog
-    image is left out, so the query must find the product from another photo of it.
-    """
+    truth: np.ndarray  # int64 [q]: the query's own product
+    products: np.ndarray  # int64 [q, depth], -1 past the end
+    scores: np.ndarray  # float32 [q, depth]
+
+
+def rank_products(catalog: CatalogVectors, plan: list[Query], query_vectors: np.ndarray, *,
+                  depth: int = 200) -> Rankings:
+    """Products ranked by their best image for each query (exact search). When a product has other images,
+    the query's own catalog image is left out, so the query must find the product from another photo of it."""
     images_per_product: dict[int, int] = {}
     for product in catalog.product_ids.tolist():
         images_per_product[product] = images_per_product.get(product, 0) + 1
     depth = min(depth, len(catalog.image_ids))
     positions = knn_ground_truth(query_vectors, catalog.vectors, depth)
-    ranked = np.full((len(plan), depth), -1, dtype=np.int64)  # products, best first
+    products = np.full((len(plan), depth), -1, dtype=np.int64)
+    scores = np.full((len(plan), depth), -np.inf, dtype=np.float32)
     for row, query in enumerate(plan):
-        seen, order = set(), []
+        seen, order, best = set(), [], []
         for position in positions[row][positions[row] >= 0]:
             image, product = int(catalog.image_ids[position]), int(catalog.product_ids[position])
             if image == query.image_id and images_per_product[product] > 1:
@@ -90,8 +97,15 @@ def search_metrics(catalog: CatalogVectors, plan: list[Query], query_vectors: np
             if product not in seen:
                 seen.add(product)
                 order.append(product)
-        ranked[row, : len(order)] = order
-    truth = np.array([query.product_id for query in plan], dtype=np.int64)
+                best.append(float(query_vectors[row] @ catalog.vectors[position]))
+        products[row, : len(order)] = order
+        scores[row, : len(best)] = best
+    return Rankings(np.array([query.product_id for query in plan], dtype=np.int64), products, scores)
+
+
+def search_metrics(rankings: Rankings, plan: list[Query], category_of: dict[int, str]) -> dict:
+    """Recall@1, recall@10 and mean reciprocal rank of the exact product, overall and per category."""
+    ranked, truth = rankings.products, rankings.truth
     reciprocal = reciprocal_rank(ranked, truth)
     hit1 = ranked[:, 0] == truth
     hit10 = (ranked[:, :10] == truth[:, None]).any(axis=1)
@@ -105,6 +119,65 @@ def search_metrics(catalog: CatalogVectors, plan: list[Query], query_vectors: np
     for name in sorted(set(names)):
         per_category[name or "(no category)"] = summary(names == name)
     return {**summary(np.ones(len(plan), dtype=bool)), "per_category": per_category}
+
+
+# ----- same product, similar, or weak --------------------------------------------------------------
+
+SAME_PRODUCT_PRECISION = 0.95  # "same_product" must be right at least this often
+SAME_PRODUCT_FALSE_RATE = 0.03  # and name a product not in the catalog at most this often (a margin under 5 %)
+
+
+def match_calibration(rankings: Rankings, category_of: dict[int, str]) -> dict:
+    """Thresholds on the cosine score of a result: at or above "same_product", below "weak".
+
+    Every query stands in for two shoppers: one whose product is in the catalog (the score of the true
+    product), and one whose product is not (the best score of any other product: the catalog without that
+    product). "same_product" starts at the lowest score where the first are at least SAME_PRODUCT_PRECISION
+    of what reaches it and the second reach it at most SAME_PRODUCT_FALSE_RATE of the time. "weak" is where
+    a result becomes less likely related (same product or category) than not, by isotonic regression.
+    """
+    from sklearn.isotonic import IsotonicRegression  # on first use: scikit-learn takes a while to import
+
+    truth, products, scores = rankings.truth, rankings.products, rankings.scores
+    own = products == truth[:, None]
+    positive = np.where(own.any(axis=1), np.where(own, scores, -np.inf).max(axis=1), -np.inf)
+    negative = np.where(~own & (products >= 0), scores, -np.inf).max(axis=1)
+    candidates = np.unique(np.concatenate([positive[np.isfinite(positive)], negative[np.isfinite(negative)]]))
+    same = None
+    for threshold in candidates:
+        true_hits, false_hits = (positive >= threshold).sum(), (negative >= threshold).sum()
+        if true_hits and true_hits / (true_hits + false_hits) >= SAME_PRODUCT_PRECISION and \
+                false_hits / len(negative) <= SAME_PRODUCT_FALSE_RATE:
+            same = float(threshold)
+            break
+    first_right = products[:, 0] == truth
+    recall = float((positive[first_right] >= same).mean()) if same is not None and first_right.any() else 0.0
+    weak = None
+    if category_of:
+        shown = (products[:, :10] >= 0) & np.isfinite(scores[:, :10])
+        related = np.array([[p == t or (category_of.get(int(p)) is not None and category_of.get(int(p)) ==
+                                         category_of.get(int(t))) for p in row] for row, t in zip(products[:, :10],
+                                                                                                  truth)])
+        x, y = scores[:, :10][shown], related[shown].astype(float)
+        if len(set(y.tolist())) == 2:
+            fitted = IsotonicRegression(out_of_bounds="clip").fit(x, y)
+            grid = np.linspace(float(x.min()), float(x.max()), 200)
+            likely = grid[fitted.predict(grid) >= 0.5]
+            weak = float(likely[0]) if likely.size else float(x.max())
+    return {"same_product": same, "weak": weak, "queries": int(len(truth)),
+            "same_product_recall": recall,
+            "false_same_rate": float((negative >= same).mean()) if same is not None else 0.0}
+
+
+def match_of(score: float, calibration: dict | None) -> str:
+    """ "same_product", "similar" or "weak" for a result's score; "similar" before any calibration."""
+    if not calibration:
+        return "similar"
+    if calibration.get("same_product") is not None and score >= calibration["same_product"]:
+        return "same_product"
+    if calibration.get("weak") is not None and score < calibration["weak"]:
+        return "weak"
+    return "similar"
 
 
 def category_metrics(train: tuple[np.ndarray, list[str], list[int]], test: tuple[np.ndarray, list[str]], *,

@@ -63,6 +63,7 @@ class EmbedResult:
     vectors: np.ndarray  # float32 [n, dim], unit L2 norm
     labels: list[list[tuple[str, float]]]  # top-5 (ImageNet class, probability) per image
     identity: ModelIdentity
+    maps: np.ndarray | None = None  # float32 [n, dim, h, w] spatial features, when asked for
 
 
 class Embedder:
@@ -97,7 +98,7 @@ class Embedder:
         # fp32 on the CPU runs in ONNX Runtime, whose kernels are faster than PyTorch's on the same
         # graph with identical results (benchmarks/embed_throughput.py); everything else in PyTorch.
         onnx = engine == "auto" and device.type == "cpu" and precision == "fp32"
-        self._session = onnx_session(model, f"{identity.backbone}-{identity.weights_sha256[:16]}") if onnx else None
+        self._session = onnx_session(model, f"{identity.backbone}-{identity.weights_sha256[:16]}-maps") if onnx else None
         self._model = model.to(device=device, memory_format=torch.channels_last)
 
     @property
@@ -117,16 +118,17 @@ class Embedder:
         """
         return torch.from_numpy(self.preset.pixels(image))
 
-    def embed(self, images: Sequence[Image.Image]) -> EmbedResult:
-        """Embed RGB images, in batches of ``batch_size``."""
+    def embed(self, images: Sequence[Image.Image], *, maps: bool = False) -> EmbedResult:
+        """Embed RGB images, in batches of ``batch_size``; with ``maps``, their spatial features too."""
         step = self.batch_size
         results = [
-            self.embed_tensor(torch.stack([self.preprocess(image) for image in images[start : start + step]]))
+            self.embed_tensor(torch.stack([self.preprocess(image) for image in images[start : start + step]]),
+                              maps=maps)
             for start in range(0, len(images), step)
         ]
         return concatenate(results, self.identity)
 
-    def embed_tensor(self, batch: torch.Tensor) -> EmbedResult:
+    def embed_tensor(self, batch: torch.Tensor, *, maps: bool = False) -> EmbedResult:
         """Embed a uint8 batch [n, 3, H, W] of images from ``preprocess``, stacked."""
         if batch.dtype != torch.uint8 or batch.dim() != 4:
             raise ValueError(
@@ -142,10 +144,11 @@ class Embedder:
             pixels = batch.to(self.device, non_blocking=True).contiguous(memory_format=layout)
             pixels = (pixels.float() - self._pixel_mean) / self._pixel_std
             if self._session is not None:
-                pooled, logits = (torch.from_numpy(out) for out in self._session.run(None, {"pixels": pixels.numpy()}))
+                pooled, logits, spatial = (torch.from_numpy(out) for out in self._session.run(
+                    None, {"pixels": pixels.numpy()}))
             else:
                 with self._autocast():
-                    pooled, logits = self._model(pixels)
+                    pooled, logits, spatial = self._model(pixels)
         vectors = nn.functional.normalize(pooled, dim=1)
         top = logits.softmax(dim=1).topk(TOP_K, dim=1)
         probabilities, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
@@ -153,7 +156,13 @@ class Embedder:
             [(self.categories[index], probability) for index, probability in zip(row_indices, row_probabilities)]
             for row_indices, row_probabilities in zip(indices, probabilities)
         ]
-        return EmbedResult(vectors.cpu().numpy(), labels, self.identity)
+        return EmbedResult(vectors.cpu().numpy(), labels, self.identity,
+                           spatial.float().cpu().numpy() if maps else None)
+
+    @property
+    def class_weights(self) -> np.ndarray:
+        """The ImageNet classifier's weights [1000, dim]: what class activation maps weigh the features by."""
+        return self._model.classifier.weight.detach().float().cpu().numpy()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -240,4 +249,5 @@ def concatenate(results: list[EmbedResult], identity: ModelIdentity) -> EmbedRes
         vectors=np.concatenate([result.vectors for result in results]),
         labels=[labels for result in results for labels in result.labels],
         identity=identity,
+        maps=np.concatenate([result.maps for result in results]) if results[0].maps is not None else None,
     )

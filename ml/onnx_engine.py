@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def onnx_session(model: nn.Module, name: str):
-    """An ONNX Runtime session running ``model`` (pixels -> pooled, logits), or None without onnxruntime.
+    """An ONNX Runtime session running ``model`` (pixels -> pooled, logits, maps), or None without onnxruntime.
 
     The exported graph is kept in ``onnx_cache_dir()`` under ``name`` (the weights' identity) and the
     torch version, so only the first load on a machine pays for the export (seconds).
@@ -45,8 +45,8 @@ def _export_onnx(model: nn.Module, path: Path) -> None:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
             model, (torch.zeros(1, 3, 224, 224),), str(partial),
-            input_names=["pixels"], output_names=["pooled", "logits"],
-            dynamic_axes={"pixels": {0: "n"}, "pooled": {0: "n"}, "logits": {0: "n"}}, dynamo=False,
+            input_names=["pixels"], output_names=["pooled", "logits", "maps"],
+            dynamic_axes={"pixels": {0: "n"}, "pooled": {0: "n"}, "logits": {0: "n"}, "maps": {0: "n"}}, dynamo=False,
         )
     partial.replace(path)  # other processes see the whole file or none
 

@@ -85,6 +85,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files served by the service itself: /api/docs/ works offline
     "catalog",
     "workers",
 ]
@@ -223,6 +224,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Visual similarity search for product catalogs.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "ImageStatusEnum": "catalog.models.ProductImage.Status",

@@ -1,5 +1,6 @@
-"""Every API error is JSON: {"error": one readable sentence, "fields": {...} for invalid input}."""
+"""Every API error is JSON: {"error": one readable sentence, "fields": {name: [messages]} for invalid input}."""
 import logging
+import re
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
@@ -15,16 +16,32 @@ logger = logging.getLogger(__name__)
 DATABASE_UNAVAILABLE = "the database is unavailable right now; try again in a minute"
 
 
-def _flatten(data, prefix: str = "") -> list[str]:
+def _messages(data) -> list[str]:
+    """Every message in an error detail, in order, as plain strings."""
     if isinstance(data, dict):
-        out = []
-        for key, value in data.items():
-            label = "" if key in ("non_field_errors", "detail") else str(key)
-            out += _flatten(value, f"{prefix}.{label}".strip(".") if label else prefix)
-        return out
-    if isinstance(data, list):
-        return [msg for item in data for msg in _flatten(item, prefix)]
-    return [f"{prefix}: {data}" if prefix else str(data)]
+        return [message for value in data.values() for message in _messages(value)]
+    if isinstance(data, (list, tuple)):
+        return [message for item in data for message in _messages(item)]
+    return [str(data)]
+
+
+def _sentence(fields: dict[str, list[str]]) -> str:
+    """One sentence for people: each message as written, never behind a field prefix; a message that does not
+    name its field says which one at its end, in brackets."""
+    parts = []
+    for name, messages in fields.items():
+        for message in messages:
+            named = name in ("non_field_errors", "detail") or re.search(
+                rf"\b{re.escape(name.replace('_', ' '))}|\b{re.escape(name)}\b", message, re.IGNORECASE)
+            parts.append(message if named else f"{message.rstrip('.')} ({name})")
+    return "; ".join(parts) or "invalid input"
+
+
+def _fields(data) -> dict[str, list[str]]:
+    """{field: [messages]}: always a list of strings per field, whatever shape DRF or a service gave."""
+    if not isinstance(data, dict):
+        return {"non_field_errors": _messages(data)}
+    return {str(name): _messages(value) for name, value in data.items()}
 
 
 class ServiceUnavailable(exceptions.APIException):
@@ -55,7 +72,8 @@ def exception_handler(exc, context):
     if isinstance(data, dict) and set(data) == {"detail"}:
         response.data = {"error": str(data["detail"])}
     else:
-        response.data = {"error": "; ".join(_flatten(data)) or "invalid input", "fields": data}
+        fields = _fields(data)
+        response.data = {"error": _sentence(fields), "fields": fields}
     return response
 
 

@@ -15,7 +15,8 @@ from rest_framework import permissions, serializers
 class ApiError(serializers.Serializer):
     error = serializers.CharField(help_text="One readable sentence saying what went wrong.")
     fields = serializers.DictField(
-        required=False, help_text="Invalid input only: the messages for each field, by field name."
+        child=serializers.ListField(child=serializers.CharField()), required=False,
+        help_text="Invalid input only: the messages for each field (always a list), by field name.",
     )
 
 

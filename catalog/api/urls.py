@@ -16,7 +16,7 @@ from catalog.api.models import (
     PromoteApi,
     RollbackApi,
 )
-from catalog.api.search import SearchApi
+from catalog.api.search import ExplainApi, SearchApi
 
 urlpatterns = [
     path("auth/token/", obtain_auth_token, name="api-token"),
@@ -27,6 +27,7 @@ urlpatterns = [
     path("products/<int:pk>/images/", views.ProductImageUploadApi.as_view(), name="product-images"),
     path("images/<int:pk>/", views.ImageDetailApi.as_view(), name="image-detail"),
     path("search/", SearchApi.as_view(), name="search"),
+    path("search/explain/", ExplainApi.as_view(), name="search-explain"),
     path("ingest-jobs/", IngestJobCreateApi.as_view(), name="ingest-job-list"),
     path("ingest-jobs/<int:pk>/", IngestJobDetailApi.as_view(), name="ingest-job-detail"),
     path("ingest-jobs/<int:pk>/report.csv", IngestJobReportApi.as_view(), name="ingest-job-report"),

@@ -5,7 +5,7 @@ from django.urls import URLResolver, get_resolver
 
 UNSAFE_METHODS = ("post", "put", "patch", "delete")
 # Writes that are public by design: logging in, and a search (its query image is never stored).
-PUBLIC_WRITES = {("POST", "/api/auth/token/"), ("POST", "/api/search/")}
+PUBLIC_WRITES = {("POST", "/api/auth/token/"), ("POST", "/api/search/"), ("POST", "/api/search/explain/")}
 
 
 def _routes(patterns, prefix: str = ""):

@@ -192,19 +192,20 @@ def test_every_corpus_file_gets_an_answer_or_a_readable_400_from_search(anon, ph
     indexed and the accepted files of the most extreme sizes go through the real model and the index."""
     real_query_embedder = search.query_embedder
     real_model = real_query_embedder()
-    template = real_model.embed([Image.open(io.BytesIO(photo("chelsea")))])
+    template = real_model.embed([Image.open(io.BytesIO(photo("chelsea")))], maps=True)
     handed: list[tuple[str, tuple[int, int]]] = []
 
     class QueryModel:
-        min_side = real_model.min_side
+        min_side, preset = real_model.min_side, real_model.preset
 
         @staticmethod
-        def embed(images):
+        def embed(images, maps=False):
             handed.extend((image.mode, image.size) for image in images)
             for image in images:
                 image.getpixel((0, 0))  # the pixels are loaded, not just the header
             return SimpleNamespace(vectors=np.repeat(template.vectors[:1], len(images), axis=0),
-                                   labels=[template.labels[0]] * len(images))
+                                   labels=[template.labels[0]] * len(images),
+                                   maps=np.repeat(template.maps[:1], len(images), axis=0) if maps else None)
 
     monkeypatch.setattr(search, "query_embedder", lambda: QueryModel)
     before = state(isolated_data / "media")
@@ -614,11 +615,11 @@ def test_names_and_fields_that_are_not_utf8_are_refused_readably(staff, product,
 
     before = state(isolated_data / "media")
     assert_refused(send(UPLOAD, [(b"image", b"caf\xe9 \xff.jpg", photo("chelsea", size=(64, 48)))]),
-                   "image: No file was submitted")
-    assert_refused(send(SEARCH, [(b"image", b"cat.jpg", photo("chelsea")), (b"k", None, b"\xff\xfe")]), "k: ")
-    assert_refused(send(SEARCH, [(b"image_url", None, b"http://\xff\xfe.example/a.jpg")]), "image_url: ")
+                   "No file was submitted (image)")
+    assert_refused(send(SEARCH, [(b"image", b"cat.jpg", photo("chelsea")), (b"k", None, b"\xff\xfe")]), "k (how many results)")
+    assert_refused(send(SEARCH, [(b"image_url", None, b"http://\xff\xfe.example/a.jpg")]), "(image_url)")
     assert_refused(send(INGEST, [(b"manifest", b"produits \xe9t\xe9.csv", b"sku,title,image\nA-1,a,a.jpg\n")]),
-                   "manifest: No file was submitted")
+                   "No file was submitted (manifest)")
     assert state(isolated_data / "media") == before
     still_serving(staff, product.pk)
 

@@ -1,4 +1,5 @@
 """POST /api/search/ as a shopper's client uses it: every input, option and error."""
+import base64
 import io
 import os
 
@@ -6,7 +7,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
-from catalog import services
+from catalog import search, services
+from catalog.model_versions import serving_version
 from catalog.models import Product, ProductImage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -111,9 +113,10 @@ def test_inactive_and_deleted_products_never_appear(anon, staff, catalog, photo)
         ({}, "json", "exactly one of"),
         ({"product": 1, "image_url": "https://example.com/a.jpg"}, "json", "exactly one of"),
         ({"product": 999999}, "json", "no product"),
-        ({"product": 1, "k": 0}, "json", "k"),
-        ({"product": 1, "k": 101}, "json", "k"),
-        ({"product": 1, "category": 999999}, "json", "category"),
+        ({"product": 1, "k": 0}, "json", "k (how many results) must be at least 1"),
+        ({"product": 1, "k": 101}, "json", "k (how many results) must be at most 100"),
+        ({"product": 1, "k": "ten"}, "json", "k (how many results) must be a whole number"),
+        ({"product": 1, "category": 999999}, "json", "no category with id 999999"),
         ({"product": 1, "min_price": "5", "max_price": "1"}, "json", "min_price"),
         ({"image_url": "ftp://example.com/a.jpg"}, "json", "http"),
         ({"image_url": "http://127.0.0.1:8000/media/x.jpg"}, "json", "not a public address"),
@@ -197,3 +200,107 @@ def test_search_is_throttled_per_client(anon, catalog, monkeypatch):
     codes = [anon.post("/api/search/", {"product": product}, format="json").status_code for _ in range(3)]
     assert codes == [200, 200, 429]
     cache.clear()
+
+
+# ----- same product, similar or weak; the region that matters; why it matched --------------------
+
+
+def calibrate(**thresholds):
+    """Thresholds on the served model's row, as its evaluation on the catalog would leave them."""
+    version = serving_version()
+    version.metrics = {**version.metrics, "calibration": {"same_product": 0.9, "weak": 0.3, **thresholds}}
+    version.save(update_fields=["metrics"])
+    search._calibrations.clear()
+
+
+def test_each_result_says_same_product_similar_or_weak(anon, catalog, photo):
+    before = post_image(anon, crop(photo("coffee"))).json()["results"]
+    assert {hit["match"] for hit in before} == {"similar"}, "nothing is called the same product before calibration"
+    calibrate(same_product=0.85, weak=0.35)
+    results = post_image(anon, crop(photo("coffee"))).json()["results"]
+    for hit in results:
+        expected = "same_product" if hit["score"] >= 0.85 else "weak" if hit["score"] < 0.35 else "similar"
+        assert hit["match"] == expected
+    assert results[0]["match"] == "same_product" and results[0]["product"]["sku"] == "COFFEE"
+    assert results[-1]["match"] == "weak"
+
+
+def side_by_side(photo, left: str, right: str) -> tuple[bytes, list[list[float]]]:
+    scene = Image.new("RGB", (900, 380), (246, 245, 242))
+    boxes, x = [], 30
+    for name in (left, right):
+        image = Image.open(io.BytesIO(photo(name)))
+        image.thumbnail((400, 320))
+        scene.paste(image, (x, 30))
+        boxes.append([x / 900, 30 / 380, (x + image.width) / 900, (30 + image.height) / 380])
+        x += image.width + 60
+    buffer = io.BytesIO()
+    scene.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue(), boxes
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_box_searches_that_region_only(anon, catalog, photo, as_json):
+    scene, (coffee, rocket) = side_by_side(photo, "coffee", "rocket")
+    if as_json:  # a photo only travels as multipart: the box as a list there is "x0,y0,x1,y1"
+        response = post_image(anon, scene, box=",".join(map(str, rocket)))
+    else:
+        response = post_image(anon, scene, box=f"{coffee[0]},{coffee[1]},{coffee[2]},{coffee[3]}")
+    assert response.status_code == 200, response.content
+    assert response.json()["results"][0]["product"]["sku"] == ("ROCKET" if as_json else "COFFEE")
+    objects = response.json()["objects"]
+    assert len(objects) >= 2 and all(set(found) == {"box", "score"} for found in objects)
+
+
+def test_a_box_in_json_is_a_list_and_bad_boxes_are_400s_naming_box(anon, catalog):
+    product = catalog["coffee"].pk
+    refused = anon.post("/api/search/", {"product": product, "box": [0, 0, 0.5, 0.5]}, format="json")
+    assert refused.status_code == 400 and refused.json()["fields"]["box"] == [
+        'a box is a region of a photo; "more like this" has none']
+    for box in ([0, 0, 2, 1], "a,b,c,d", [0.5, 0.5, 0.5, 0.6], [0, 0, 1]):
+        response = anon.post("/api/search/", {"product": product, "box": box}, format="json")
+        assert response.status_code == 400 and isinstance(response.json()["fields"]["box"], list), box
+
+
+def test_a_product_query_has_no_objects(anon, catalog):
+    body = anon.post("/api/search/", {"product": catalog["coffee"].pk}, format="json").json()
+    assert body["objects"] == [] and body["results"]
+
+
+def test_explain_returns_where_query_and_match_agree(anon, catalog, photo):
+    result = post_image(anon, crop(photo("rocket"))).json()["results"][0]
+    response = anon.post("/api/search/explain/", {"image": SimpleUploadedFile("q.jpg", crop(photo("rocket"))),
+                                                  "image_id": result["image"]}, format="multipart")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    for key in ("query_heatmap", "match_heatmap"):
+        assert body[key].startswith("data:image/png;base64,")
+        assert Image.open(io.BytesIO(base64.b64decode(body[key].split(",", 1)[1]))).format == "PNG"
+    by_product = anon.post("/api/search/explain/", {"product": catalog["coffee"].pk, "image_id": result["image"]},
+                           format="json")
+    assert by_product.status_code == 200
+    missing = anon.post("/api/search/explain/", {"product": catalog["coffee"].pk, "image_id": 999_999}, format="json")
+    assert missing.status_code == 400 and missing.json()["fields"]["image"] == ["there is no catalog image 999999"]
+
+
+def test_error_bodies_always_list_their_field_messages_and_name_no_field_in_the_sentence(anon, catalog, settings):
+    response = anon.post("/api/search/", {"image_url": "http://127.0.0.1:1/x.jpg"}, format="json")
+    assert response.status_code == 400
+    body = response.json()
+    assert isinstance(body["fields"]["image_url"], list) and not body["error"].startswith("image_url")
+    page = anon.get("/api/products/?page_size=many")
+    assert page.status_code == 400 and isinstance(page.json()["fields"]["page_size"], list)
+    text = post_image(anon, b"just some text, not a photo")
+    assert text.status_code == 400 and text.json()["error"].startswith("not an image")
+    assert text.json()["fields"]["image"][0].startswith("not an image")
+
+
+def test_likely_categories_under_one_percent_are_not_listed(anon, catalog, photo):
+    predicted = post_image(anon, crop(photo("coffee"))).json()["predicted_categories"]
+    assert predicted and all(p["score"] >= 0.005 for p in predicted)
+
+
+def test_the_api_docs_are_served_by_the_service_itself(anon):
+    page = anon.get("/api/docs/").content.decode()
+    assert "cdn.jsdelivr.net" not in page and "unpkg.com" not in page and "@latest" not in page
+    assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in page

@@ -337,7 +337,7 @@ def test_the_exported_graph_is_reused_by_later_loads(tmp_path, monkeypatch, imag
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     first = load_embedder("efficientnet_lite0", "random")
     assert [path.name for path in onnx_engine.onnx_cache_dir().iterdir()] == [
-        f"efficientnet_lite0-{first.identity.weights_sha256[:16]}-torch{torch.__version__}.onnx"
+        f"efficientnet_lite0-{first.identity.weights_sha256[:16]}-maps-torch{torch.__version__}.onnx"
     ]
 
     def no_export(*args):

@@ -65,7 +65,7 @@ class Workers:
         def answers() -> bool:
             try:
                 return requests.get(f"{url}/api/health/", timeout=5).status_code in (200, 503)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 return False
 
         wait_until(answers, 60, "the web app to answer", self)

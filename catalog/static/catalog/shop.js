@@ -1,30 +1,63 @@
-// The shopper page: search the catalog with a photo, then "more like this" from any result.
+// The shopper page: search the catalog with a photo (or a region of it), then "more like this" from any result.
 (function () {
   "use strict";
-  const form = document.getElementById("search-form");
-  const input = document.getElementById("photo");
-  const dropZone = document.getElementById("drop-zone");
-  const preview = document.getElementById("preview");
-  const category = document.getElementById("category");
-  const statusLine = document.getElementById("status");
-  const results = document.getElementById("results");
-  const heading = document.getElementById("results-heading");
-  const insights = document.getElementById("insights");
-  const template = document.getElementById("result-template");
+  const $ = (id) => document.getElementById(id);
+  const form = $("search-form");
+  const main = document.querySelector("main");
+  const input = $("photo");
+  const dropZone = $("drop-zone");
+  const photoArea = $("photo-area");
+  const frame = $("photo-frame");
+  const preview = $("preview");
+  const boxes = $("boxes");
+  const drawn = $("drawn");
+  const wholePhoto = $("whole-photo");
+  const context = $("context");
+  const category = $("category");
+  const minPrice = $("min-price");
+  const maxPrice = $("max-price");
+  const button = $("search-button");
+  const statusLine = $("status");
+  const results = $("results");
+  const heading = $("results-heading");
+  const weakResults = $("weak-results");
+  const weakHeading = $("weak-heading");
+  const insights = $("insights");
+  const empty = $("empty");
+  const showMore = $("show-more");
+  const template = $("result-template");
   const csrfToken = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+  const PAGE = 10;
+  const MOST = 100;
+
+  // The last query: {image, box} for a photo, {product, title} for "more like this". Filters re-run it.
+  let query = null;
   let photo = null;
+  let k = PAGE;
+  let busy = false;
 
   function say(text, isError) {
     statusLine.textContent = text;
     statusLine.classList.toggle("error", Boolean(isError));
   }
 
+  function clearResults() {
+    results.replaceChildren();
+    weakResults.replaceChildren();
+    heading.hidden = weakHeading.hidden = insights.hidden = empty.hidden = showMore.hidden = true;
+  }
+
   function choose(file) {
     if (!file) return;
     photo = file;
     preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
-    search({ image: file });
+    photoArea.hidden = false;
+    context.hidden = true;
+    boxes.replaceChildren();
+    drawn.hidden = true;
+    wholePhoto.hidden = true;
+    k = PAGE;
+    search({ image: file, box: null });
   }
 
   input.addEventListener("change", () => choose(input.files[0]));
@@ -42,60 +75,184 @@
   });
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    if (photo) search({ image: photo }); else say("Choose a photo first.", true);
+    if (query) { k = PAGE; search(query); } else say("Choose a photo first.", true);
   });
-  category.addEventListener("change", () => { if (photo) search({ image: photo }); });
+  // A filter changed: the same query again, photo or "more like this".
+  [category, minPrice, maxPrice].forEach((field) => field.addEventListener("change", () => {
+    if (query) { k = PAGE; search(query); }
+  }));
+  showMore.addEventListener("click", () => { k = Math.min(MOST, k + PAGE); search(query); });
+  $("widen").addEventListener("click", () => { category.value = ""; k = PAGE; search(query); });
+  $("back").addEventListener("click", () => {
+    context.hidden = true;
+    if (photo) { photoArea.hidden = false; k = PAGE; search({ image: photo, box: null }); } else { query = null; clearResults(); say(""); }
+  });
+  wholePhoto.addEventListener("click", () => { drawn.hidden = true; k = PAGE; search({ image: photo, box: null }); });
 
-  async function search(query) {
-    const body = new FormData();
-    if (query.image) body.append("image", query.image);
-    if (query.product) body.append("product", query.product);
-    if (category.value) body.append("category", category.value);
-    say("Searching…");
-    let response, data;
-    try {
-      response = await fetch("/api/search/", { method: "POST", body, headers: { "X-CSRFToken": csrfToken } });
-      data = await response.json();
-    } catch (error) {
-      say("The search service could not be reached. Try again in a moment.", true);
-      return;
-    }
-    if (!response.ok) {
-      say(data.error || "The search failed.", true);
-      return;
-    }
-    show(data);
+  // ----- a region of the photo: one of the objects found, or a box drawn by hand (mouse or touch) -----
+  function pick(box) {
+    for (const other of boxes.children) other.classList.toggle("chosen", other.dataset.box === box.join(","));
+    wholePhoto.hidden = false;
+    k = PAGE;
+    search({ image: photo, box });
   }
 
-  function show(data) {
-    results.replaceChildren();
-    heading.hidden = false;
-    insights.hidden = !(data.predicted_categories.length || data.labels.length);
-    document.getElementById("predicted").textContent =
-      data.predicted_categories.map((p) => `${p.category.path} (${Math.round(p.score * 100)}%)`).join(", ") || "—";
-    document.getElementById("labels").textContent =
-      data.labels.slice(0, 3).map((l) => `${l.label} (${Math.round(l.score * 100)}%)`).join(", ") || "—";
-    for (const hit of data.results) {
-      const card = template.content.firstElementChild.cloneNode(true);
-      const product = hit.product;
-      card.querySelector(".thumb").src = product.image_url || "";
-      card.querySelector(".thumb").alt = product.title;
-      card.querySelector(".title").textContent = product.title;
-      card.querySelector(".price").textContent = product.price ? `${product.price} ${product.currency}` : "";
-      card.querySelector(".category").textContent = product.category ? product.category.path : "";
-      card.querySelector(".score").textContent = `similarity ${hit.score.toFixed(2)}`;
-      const more = card.querySelector(".more");
-      more.setAttribute("aria-label", `More like ${product.title}`);
-      more.addEventListener("click", () => {
-        photo = null;
-        preview.hidden = true;
-        search({ product: product.id });
-      });
-      card.dataset.sku = product.sku;
-      results.appendChild(card);
+  function showObjects(objects) {
+    boxes.replaceChildren();
+    objects.forEach((found, number) => {
+      const [x0, y0, x1, y1] = found.box;
+      const choice = document.createElement("button");
+      choice.type = "button";
+      choice.textContent = `Object ${number + 1}`;
+      choice.setAttribute("aria-label", `Search object ${number + 1} only`);
+      choice.dataset.box = found.box.join(",");
+      Object.assign(choice.style, { left: `${x0 * 100}%`, top: `${y0 * 100}%`, width: `${(x1 - x0) * 100}%`, height: `${(y1 - y0) * 100}%` });
+      choice.addEventListener("click", () => pick(found.box));
+      boxes.appendChild(choice);
+    });
+  }
+
+  let start = null;
+  function fraction(event) {
+    const rect = preview.getBoundingClientRect();
+    return [Math.min(1, Math.max(0, (event.clientX - rect.left) / rect.width)),
+            Math.min(1, Math.max(0, (event.clientY - rect.top) / rect.height))];
+  }
+  function drawTo(point) {
+    const [x0, x1] = [Math.min(start[0], point[0]), Math.max(start[0], point[0])];
+    const [y0, y1] = [Math.min(start[1], point[1]), Math.max(start[1], point[1])];
+    Object.assign(drawn.style, { left: `${x0 * 100}%`, top: `${y0 * 100}%`, width: `${(x1 - x0) * 100}%`, height: `${(y1 - y0) * 100}%` });
+    drawn.hidden = false;
+    return [x0, y0, x1, y1];
+  }
+  frame.addEventListener("pointerdown", (event) => {
+    if (!photo || event.target.closest(".boxes button")) return;
+    start = fraction(event);
+    frame.setPointerCapture(event.pointerId);
+    event.preventDefault();
+  });
+  frame.addEventListener("pointermove", (event) => { if (start) drawTo(fraction(event)); });
+  frame.addEventListener("pointerup", (event) => {
+    if (!start) return;
+    const box = drawTo(fraction(event)).map((v) => Math.round(v * 10000) / 10000);
+    start = null;
+    if (box[2] - box[0] < 0.03 || box[3] - box[1] < 0.03) { drawn.hidden = true; return; }  // a tap, not a box
+    pick(box);
+  });
+
+  // ----- searching -----------------------------------------------------------------------------
+  async function post(url, body) {
+    const response = await fetch(url, { method: "POST", body, headers: { "X-CSRFToken": csrfToken } });
+    return { response, data: await response.json() };
+  }
+
+  async function search(next) {
+    if (busy) return;
+    query = next;
+    const body = new FormData();
+    if (next.image) body.append("image", next.image);
+    if (next.box) body.append("box", next.box.join(","));
+    if (next.product) body.append("product", next.product);
+    if (category.value) body.append("category", category.value);
+    if (minPrice.value) body.append("min_price", minPrice.value);
+    if (maxPrice.value) body.append("max_price", maxPrice.value);
+    body.append("k", String(k));
+    busy = true;
+    button.disabled = true;
+    main.classList.add("busy");
+    main.setAttribute("aria-busy", "true");
+    say("Searching…");
+    try {
+      const { response, data } = await post("/api/search/", body);
+      if (!response.ok) {
+        clearResults();
+        say(data.error || "The search failed.", true);
+        return;
+      }
+      show(data, next);
+    } catch (error) {
+      clearResults();
+      say("The search service could not be reached. Try again in a moment.", true);
+    } finally {
+      busy = false;
+      button.disabled = false;
+      main.classList.remove("busy");
+      main.removeAttribute("aria-busy");
     }
-    say(data.results.length
-      ? `${data.results.length} similar products (${data.took_ms} ms).`
-      : "No similar products found.");
+  }
+
+  function card(hit) {
+    const item = template.content.firstElementChild.cloneNode(true);
+    const product = hit.product;
+    item.querySelector(".thumb").src = product.image_url || "";
+    item.querySelector(".thumb").alt = product.title;
+    item.querySelector(".title").textContent = product.title;
+    item.querySelector(".price").textContent = product.price ? `${product.price} ${product.currency}` : "";
+    item.querySelector(".category").textContent = product.category ? product.category.path : "";
+    if (hit.match === "same_product") {
+      item.classList.add("same");
+      item.querySelector(".badge").hidden = false;
+    }
+    item.dataset.sku = product.sku;
+    item.dataset.match = hit.match;
+    const more = item.querySelector(".more");
+    more.setAttribute("aria-label", `More like ${product.title}`);
+    more.addEventListener("click", () => {
+      photoArea.hidden = true;  // the photo is not what this search is about
+      context.hidden = false;
+      $("context-text").textContent = `More like “${product.title}”.`;
+      $("back").textContent = photo ? "Back to your photo" : "New search";
+      k = PAGE;
+      search({ product: product.id, title: product.title });
+    });
+    const why = item.querySelector(".why");
+    why.setAttribute("aria-label", `Why ${product.title} matched`);
+    why.addEventListener("click", () => explain(item, hit, why));
+    return item;
+  }
+
+  async function explain(item, hit, why) {
+    const panel = item.querySelector(".explanation");
+    if (!panel.hidden) { panel.hidden = true; return; }
+    const body = new FormData();
+    if (query.image) body.append("image", query.image);
+    if (query.box) body.append("box", query.box.join(","));
+    if (query.product) body.append("product", query.product);
+    body.append("image_id", String(hit.image));
+    why.disabled = true;
+    try {
+      const { response, data } = await post("/api/search/explain/", body);
+      if (!response.ok) { say(data.error || "Could not explain this match.", true); return; }
+      item.querySelector(".query-heat").src = data.query_heatmap;
+      item.querySelector(".match-heat").src = data.match_heatmap;
+      panel.hidden = false;
+    } catch (error) {
+      say("The search service could not be reached. Try again in a moment.", true);
+    } finally {
+      why.disabled = false;
+    }
+  }
+
+  function show(data, searched) {
+    clearResults();
+    if (searched.image && !searched.box) showObjects(data.objects || []);
+    const predicted = data.predicted_categories.filter((p) => Math.round(p.score * 100) >= 1);
+    insights.hidden = !(predicted.length || data.labels.length);
+    $("predicted").textContent = predicted.map((p) => `${p.category.path} (${Math.round(p.score * 100)}%)`).join(", ") || "—";
+    $("labels").textContent = data.labels.slice(0, 3).map((l) => `${l.label} (${Math.round(l.score * 100)}%)`).join(", ") || "—";
+    const strong = data.results.filter((hit) => hit.match !== "weak");
+    const weak = data.results.filter((hit) => hit.match === "weak");
+    strong.forEach((hit) => results.appendChild(card(hit)));
+    weak.forEach((hit) => weakResults.appendChild(card(hit)));
+    heading.hidden = !strong.length;
+    weakHeading.hidden = !weak.length;
+    showMore.hidden = data.results.length < k || k >= MOST;
+    if (!data.results.length) {
+      empty.hidden = !category.value;
+      say(category.value ? "No similar products in this category." : "No similar products found.");
+      return;
+    }
+    const same = strong.filter((hit) => hit.match === "same_product").length;
+    say(`${data.results.length} similar products${same ? ", this product among them" : ""} (${data.took_ms} ms).`);
   }
 })();
