@@ -7,9 +7,9 @@ serving the old model), evaluating (both models on the same queries, catalog/eva
 is promoted only if it is at least as good on search recall@1 and category top-1 and better on one;
 otherwise it ends `rejected`. Nothing the serving model needs is touched before the promotion.
 """
+import dataclasses
 import datetime
 import logging
-import dataclasses
 import time
 from dataclasses import asdict
 

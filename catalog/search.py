@@ -229,12 +229,15 @@ def search_catalog(
         vector /= max(float(np.linalg.norm(vector)), 1e-12)
     products = _filtered_products(category_id=category_id, min_price=min_price, max_price=max_price)
     try:
-        hits = similar_products(vector, k=k, products=products, exclude_product_id=product_id)
+        # One product more than asked: the first result's margin over the next says whether it stands out.
+        hits = similar_products(vector, k=k + 1, products=products, exclude_product_id=product_id)
         predicted = [(c, p) for c, p in predict_categories(vector) if p >= MIN_SHOWN_CATEGORY]
     except SearchUnavailable:
         hits, predicted = [], []
     active = active_index()
     calibration = match_calibration(active["identity"]) if active else None
-    return SearchResult(hits=hits, predicted_categories=predicted, labels=labels,
-                        took_ms=round((time.perf_counter() - started) * 1000),
-                        matches=[match_of(hit.score, calibration) for hit in hits], objects=objects)
+    matches = [match_of(hit.score, calibration, first=number == 0,
+                        margin=hit.score - hits[number + 1].score if number + 1 < len(hits) else None)
+               for number, hit in enumerate(hits)]
+    return SearchResult(hits=hits[:k], predicted_categories=predicted, labels=labels,
+                        took_ms=round((time.perf_counter() - started) * 1000), matches=matches[:k], objects=objects)

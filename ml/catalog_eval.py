@@ -128,30 +128,23 @@ SAME_PRODUCT_FALSE_RATE = 0.03  # and name a product not in the catalog at most 
 
 
 def match_calibration(rankings: Rankings, category_of: dict[int, str]) -> dict:
-    """Thresholds on the cosine score of a result: at or above "same_product", below "weak".
+    """Thresholds for a result's labels: "same_product" at or above a score *and* a margin over the next
+    product (first result only), "weak" below a score.
 
-    Every query stands in for two shoppers: one whose product is in the catalog (the score of the true
-    product), and one whose product is not (the best score of any other product: the catalog without that
-    product). "same_product" starts at the lowest score where the first are at least SAME_PRODUCT_PRECISION
-    of what reaches it and the second reach it at most SAME_PRODUCT_FALSE_RATE of the time. "weak" is where
-    a result becomes less likely related (same product or category) than not, by isotonic regression.
+    Every query stands in for two shoppers: one whose product is in the catalog (the ranking as it is),
+    and one whose product is not (the same ranking without that product). A score alone cannot tell them
+    apart well: a product the catalog does not sell can still look much like several it does. What marks
+    the same product is a first result that stands out from the rest (the ratio test of image matching), so
+    the rule is a pair (score, margin): of every (score, margin) on a grid, the one that labels the most
+    correct first results "same_product" while those labels are right at least SAME_PRODUCT_PRECISION of
+    the time and name a product for at most SAME_PRODUCT_FALSE_RATE of the out-of-catalog shoppers. "weak"
+    is where a result becomes less likely related (same product or category) than not, by isotonic
+    regression.
     """
     from sklearn.isotonic import IsotonicRegression  # on first use: scikit-learn takes a while to import
 
     truth, products, scores = rankings.truth, rankings.products, rankings.scores
-    own = products == truth[:, None]
-    positive = np.where(own.any(axis=1), np.where(own, scores, -np.inf).max(axis=1), -np.inf)
-    negative = np.where(~own & (products >= 0), scores, -np.inf).max(axis=1)
-    candidates = np.unique(np.concatenate([positive[np.isfinite(positive)], negative[np.isfinite(negative)]]))
-    same = None
-    for threshold in candidates:
-        true_hits, false_hits = (positive >= threshold).sum(), (negative >= threshold).sum()
-        if true_hits and true_hits / (true_hits + false_hits) >= SAME_PRODUCT_PRECISION and \
-                false_hits / len(negative) <= SAME_PRODUCT_FALSE_RATE:
-            same = float(threshold)
-            break
-    first_right = products[:, 0] == truth
-    recall = float((positive[first_right] >= same).mean()) if same is not None and first_right.any() else 0.0
+    same, margin, recall, false_rate = _same_product_rule(truth, products, scores)
     weak = None
     if category_of:
         shown = (products[:, :10] >= 0) & np.isfinite(scores[:, :10])
@@ -164,16 +157,57 @@ def match_calibration(rankings: Rankings, category_of: dict[int, str]) -> dict:
             grid = np.linspace(float(x.min()), float(x.max()), 200)
             likely = grid[fitted.predict(grid) >= 0.5]
             weak = float(likely[0]) if likely.size else float(x.max())
-    return {"same_product": same, "weak": weak, "queries": int(len(truth)),
-            "same_product_recall": recall,
-            "false_same_rate": float((negative >= same).mean()) if same is not None else 0.0}
+    return {"same_product": same, "margin": margin, "weak": weak, "queries": int(len(truth)),
+            "same_product_recall": recall, "false_same_rate": false_rate}
 
 
-def match_of(score: float, calibration: dict | None) -> str:
-    """ "same_product", "similar" or "weak" for a result's score; "similar" before any calibration."""
+def _first_two(scores: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the first two scores where ``keep`` (rows are best first); -inf where there is none."""
+    kept = np.where(keep, scores, -np.inf)
+    order = np.argsort(~keep, axis=1, kind="stable")
+    ordered = np.take_along_axis(kept, order, axis=1)
+    second = ordered[:, 1] if ordered.shape[1] > 1 else np.full(len(ordered), -np.inf)
+    return ordered[:, 0], second
+
+
+def _same_product_rule(truth, products, scores) -> tuple[float | None, float | None, float, float]:
+    """(score, margin, recall of correct first results, out-of-catalog rate) of the best rule; Nones if none holds."""
+    first_right = products[:, 0] == truth
+    in_first, in_second = _first_two(scores, products >= 0)
+    out_first, out_second = _first_two(scores, (products >= 0) & (products != truth[:, None]))
+    in_margin = np.where(np.isfinite(in_second), in_first - in_second, 2.0)  # one product only: it stands out
+    out_margin = np.where(np.isfinite(out_second), out_first - out_second, 2.0)
+    seen = np.concatenate([in_first[np.isfinite(in_first)], out_first[np.isfinite(out_first)]])
+    if not seen.size or not first_right.any():
+        return None, None, 0.0, 0.0
+    score_grid = np.unique(np.quantile(seen, np.linspace(0, 1, 81)))
+    margins = np.concatenate([in_margin, out_margin[np.isfinite(out_first)]])
+    margin_grid = np.unique(np.concatenate([[0.0], np.quantile(margins, np.linspace(0, 0.98, 50))]))
+    said_in = (in_first[None, None, :] >= score_grid[:, None, None]) & (in_margin[None, None, :] >= margin_grid[None, :, None])
+    said_out = (np.isfinite(out_first) & (out_first >= score_grid[:, None, None]) &
+                (out_margin[None, None, :] >= margin_grid[None, :, None]))
+    right = (said_in & first_right).sum(axis=2)
+    wrong = (said_in & ~first_right).sum(axis=2) + said_out.sum(axis=2)
+    false_rate = said_out.sum(axis=2) / len(truth)
+    precision = np.where(right > 0, right / np.maximum(1, right + wrong), 0.0)
+    allowed = (right > 0) & (precision >= SAME_PRODUCT_PRECISION) & (false_rate <= SAME_PRODUCT_FALSE_RATE)
+    if not allowed.any():
+        return None, None, 0.0, 0.0
+    best = np.unravel_index(np.argmax(np.where(allowed, right, -1)), right.shape)
+    return (float(score_grid[best[0]]), float(margin_grid[best[1]]), float(right[best] / first_right.sum()),
+            float(false_rate[best]))
+
+
+def match_of(score: float, calibration: dict | None, *, margin: float | None = None, first: bool = True) -> str:
+    """ "same_product", "similar" or "weak" for a result's score; "similar" before any calibration.
+
+    ``margin``: how far this result's score is above the next product's; with a calibrated margin, only the
+    first result can be "same_product", and only when it stands out by that much."""
     if not calibration:
         return "similar"
-    if calibration.get("same_product") is not None and score >= calibration["same_product"]:
+    threshold, needed = calibration.get("same_product"), calibration.get("margin")
+    if threshold is not None and score >= threshold and (
+            needed is None or (first and (margin is None or margin >= needed))):
         return "same_product"
     if calibration.get("weak") is not None and score < calibration["weak"]:
         return "weak"

@@ -86,8 +86,8 @@ def reciprocal_rank(ranked: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """1 / (position + 1) of each row's ``truth`` in its ``ranked`` ids, 0 where it is absent."""
     ranked = np.asarray(ranked)
     hit = ranked == np.asarray(truth)[:, None]
-    first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
-    return np.where(first >= 0, 1.0 / (first + 1), 0.0)
+    found = hit.any(axis=1)
+    return np.where(found, 1.0 / (hit.argmax(axis=1) + 1), 0.0)
 
 
 def classification_metrics(true_labels, probabilities, categories: list[str]) -> dict:

@@ -51,6 +51,10 @@ class FinetuneConfig:
     frozen_stages: int = 4  # EfficientNet blocks (of 7) or ResNet layers (of 4) kept as ImageNet left them
     image_size: int = 224
     seed: int = 0
+    # The checkpoint is this mix of the fine-tuned weights and the ones it started from (WiSE-FT, Wortsman
+    # et al. 2022): 1.0 is the fine-tuned model alone. Mixing keeps the starting model's robustness to
+    # photos unlike the training views, which a small catalog's few epochs otherwise wear away.
+    interpolation: float = 0.5
 
 
 def default_config(backbone: str, device: torch.device, epochs: int | None = None) -> FinetuneConfig:
@@ -177,6 +181,8 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
                                   "history": history, "epoch": epoch + 1}, state_path)
 
     setattr(model, classifier_name, classifier.to(device))
+    if config.interpolation < 1.0:
+        _interpolate(model, build_with_weights(backbone, weights)[0], config.interpolation)
     _save_atomically({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}, out)
     return history
 
@@ -220,6 +226,15 @@ def _freeze(model: nn.Module, backbone: str, stages: int) -> None:
     for module in frozen:
         for parameter in module.parameters():
             parameter.requires_grad = False
+
+
+@torch.no_grad()
+def _interpolate(model: nn.Module, start: nn.Module, share: float) -> None:
+    """``model`` becomes ``share`` of itself plus ``1 - share`` of ``start`` (same architecture), in place."""
+    started = start.state_dict()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            tensor.mul_(share).add_(started[name].to(tensor.device, tensor.dtype), alpha=1.0 - share)
 
 
 def _keep_batch_norms_frozen(model: nn.Module) -> None:

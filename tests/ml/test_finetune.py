@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ml.augment import EVALUATION_FAMILIES, TRAINING_FAMILIES, shopper_photo, training_view
+from ml.backbones import build_with_weights
 from ml.embedder import load_embedder
 from ml.finetune import FinetuneConfig, TrainingImage, finetune
 from tests.ml.photos import crops
@@ -53,6 +54,20 @@ def test_zero_epochs_keeps_the_weights_as_they_were(tmp_path):
     assert "classifier.weight" in saved and "conv_stem.weight" in saved
     assert saved["blocks.6.0.conv_pw.weight"].shape == dict(original.named_parameters())[
         "blocks.6.0.conv_pw.weight"].shape
+
+
+def test_the_checkpoint_is_the_stated_mix_of_the_fine_tuned_and_the_starting_weights(tmp_path):
+    """WiSE-FT: with interpolation 0.5, each trained weight lies halfway between start and fine-tuned."""
+    for share in (1.0, 0.5):
+        torch.manual_seed(0)  # the same dropout in both trainings, so they take the same steps
+        finetune(backbone="efficientnet_lite0", weights="random", images=catalog(8), out=tmp_path / f"{share}.pth",
+                 config=FinetuneConfig(epochs=1, products_per_batch=4, image_size=64, interpolation=share))
+    alone, mixed = (torch.load(tmp_path / f"{share}.pth", weights_only=True) for share in (1.0, 0.5))
+    start = build_with_weights("efficientnet_lite0", "random")[0].state_dict()
+    name = "blocks.6.0.conv_pw.weight"  # a trained stage (the first four stay frozen)
+    assert not torch.allclose(alone[name], start[name]), "the weights moved"
+    assert torch.allclose(mixed[name], (alone[name] + start[name]) / 2, atol=1e-5)
+    assert torch.equal(mixed["conv_stem.weight"], start["conv_stem.weight"])  # frozen: the same in all three
 
 
 def test_a_training_killed_after_its_first_epoch_resumes_from_it(tmp_path):

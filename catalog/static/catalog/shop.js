@@ -107,12 +107,15 @@
       choice.setAttribute("aria-label", `Search object ${number + 1} only`);
       choice.dataset.box = found.box.join(",");
       Object.assign(choice.style, { left: `${x0 * 100}%`, top: `${y0 * 100}%`, width: `${(x1 - x0) * 100}%`, height: `${(y1 - y0) * 100}%` });
-      choice.addEventListener("click", () => pick(found.box));
+      choice.addEventListener("click", () => { if (!dragEnded) { drawn.hidden = true; pick(found.box); } });
       boxes.appendChild(choice);
     });
   }
 
+  // A drag anywhere on the photo draws a box, even one that starts on an object; a tap on an object picks it.
   let start = null;
+  let dragging = false;
+  let dragEnded = false;  // the click that ends a drag on an object's button is not a pick of that object
   function fraction(event) {
     const rect = preview.getBoundingClientRect();
     return [Math.min(1, Math.max(0, (event.clientX - rect.left) / rect.width)),
@@ -126,17 +129,29 @@
     return [x0, y0, x1, y1];
   }
   frame.addEventListener("pointerdown", (event) => {
-    if (!photo || event.target.closest(".boxes button")) return;
+    if (!photo) return;
     start = fraction(event);
-    frame.setPointerCapture(event.pointerId);
-    event.preventDefault();
+    dragging = false;
+    if (!event.target.closest(".boxes button")) event.preventDefault();  // no image drag, no text selection
   });
-  frame.addEventListener("pointermove", (event) => { if (start) drawTo(fraction(event)); });
+  frame.addEventListener("pointermove", (event) => {
+    if (!start) return;
+    const point = fraction(event);
+    if (!dragging && Math.abs(point[0] - start[0]) < 0.03 && Math.abs(point[1] - start[1]) < 0.03) return;
+    if (!dragging) { dragging = true; frame.setPointerCapture(event.pointerId); }
+    drawTo(point);
+  });
+  frame.addEventListener("pointercancel", () => { start = null; dragging = false; drawn.hidden = true; });
   frame.addEventListener("pointerup", (event) => {
     if (!start) return;
-    const box = drawTo(fraction(event)).map((v) => Math.round(v * 10000) / 10000);
+    const drew = dragging;
+    const box = drew ? drawTo(fraction(event)).map((v) => Math.round(v * 10000) / 10000) : null;
     start = null;
-    if (box[2] - box[0] < 0.03 || box[3] - box[1] < 0.03) { drawn.hidden = true; return; }  // a tap, not a box
+    dragging = false;
+    if (!drew) return;  // a tap: an object's button takes it as its click
+    dragEnded = true;
+    setTimeout(() => { dragEnded = false; }, 0);
+    if (box[2] - box[0] < 0.03 || box[3] - box[1] < 0.03) { drawn.hidden = true; return; }
     pick(box);
   });
 

@@ -1,0 +1,54 @@
+"""The match labels' calibration: "same_product" must stay right, and rarely name a product the catalog does not sell."""
+import numpy as np
+
+from ml.catalog_eval import SAME_PRODUCT_FALSE_RATE, SAME_PRODUCT_PRECISION, Rankings, match_calibration, match_of
+
+
+def rankings(seed: int = 0, queries: int = 400, depth: int = 20) -> Rankings:
+    """Queries whose own product stands out from the rest by 0.10-0.25 for 70 % of them (found first),
+    while lookalikes of other products crowd close together at 0.70-0.90, as in a catalog of similar items."""
+    rng = np.random.default_rng(seed)
+    truth = np.arange(queries, dtype=np.int64)
+    products = np.zeros((queries, depth), dtype=np.int64)
+    scores = np.zeros((queries, depth), dtype=np.float32)
+    for row in range(queries):
+        others = rng.choice(np.setdiff1d(np.arange(queries + 50), [row]), size=depth, replace=False)
+        lookalike = np.sort(rng.uniform(0.70, 0.90, size=depth))[::-1]
+        lookalike[1:] = lookalike[0] - np.cumsum(rng.uniform(0.0, 0.03, size=depth - 1))  # close together
+        if rng.random() < 0.7:  # found first, standing out
+            own = min(0.999, lookalike[0] + rng.uniform(0.10, 0.25))
+            products[row], scores[row] = np.r_[row, others[:-1]], np.r_[own, lookalike[:-1]]
+        else:  # lost among the lookalikes
+            products[row], scores[row] = np.r_[others[:3], row, others[3:-1]], np.r_[lookalike[:3], lookalike[3] - 0.001,
+                                                                                        lookalike[3:-1]]
+    return Rankings(truth, products, scores)
+
+
+def test_same_product_needs_a_first_result_that_stands_out():
+    calibration = match_calibration(rankings(), {})
+    assert calibration["margin"] is not None and calibration["margin"] > 0.02, calibration
+    assert calibration["false_same_rate"] <= SAME_PRODUCT_FALSE_RATE
+    assert calibration["same_product_recall"] >= 0.8, calibration  # a score alone could not tell these apart
+
+    # Held to fresh queries of the same kind: right at least 95 % of the times it is said, and rarely for a
+    # product the catalog does not have (the same rankings without the query's own product).
+    fresh = rankings(seed=1)
+    said = right = out_said = 0
+    for truth, products, scores in zip(fresh.truth, fresh.products, fresh.scores):
+        label = match_of(float(scores[0]), calibration, margin=float(scores[0] - scores[1]), first=True)
+        said += label == "same_product"
+        right += label == "same_product" and products[0] == truth
+        others = scores[products != truth]
+        out_said += match_of(float(others[0]), calibration, margin=float(others[0] - others[1])) == "same_product"
+    assert said and right / said >= SAME_PRODUCT_PRECISION - 0.02, (right, said)
+    assert out_said / len(fresh.truth) <= 0.05
+
+
+def test_only_the_first_result_can_be_the_same_product_once_a_margin_is_calibrated():
+    calibration = {"same_product": 0.8, "margin": 0.05, "weak": 0.3}
+    assert match_of(0.9, calibration, margin=0.1, first=True) == "same_product"
+    assert match_of(0.9, calibration, margin=0.01, first=True) == "similar"  # a crowd of lookalikes
+    assert match_of(0.9, calibration, margin=0.1, first=False) == "similar"
+    assert match_of(0.2, calibration, margin=0.1, first=False) == "weak"
+    assert match_of(0.9, {"same_product": 0.8, "weak": 0.3}) == "same_product"  # a calibration of scores only
+    assert match_of(0.9, None) == "similar"
