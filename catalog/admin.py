@@ -212,11 +212,11 @@ class CategorizerVersionAdmin(ReportsAdmin):
 class IngestJobAdmin(admin.ModelAdmin):
     """Jobs arrive through POST /api/ingest-jobs/ or `manage.py ingest`; here they are followed."""
 
-    list_display = ["id", "status", "progress", "total", "succeeded", "failed", "images_per_s", "created_by",
-                    "created_at", "finished_at"]
+    list_display = ["id", "manifest_name", "status", "progress", "total", "succeeded", "failed", "images_per_s",
+                    "created_by", "created_at", "finished_at"]
     list_filter = ["status"]
-    fields = ["status", "progress", "total", "processed", "succeeded", "failed", "images_per_s", "manifest",
-              "archive", "created_by", "created_at", "started_at", "finished_at", "report", "error_list"]
+    fields = ["status", "progress", "total", "processed", "succeeded", "failed", "images_per_s", "manifest_name",
+              "manifest", "archive", "created_by", "created_at", "started_at", "finished_at", "report", "error_list"]
     readonly_fields = fields
 
     def has_add_permission(self, request) -> bool:

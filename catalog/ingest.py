@@ -97,7 +97,8 @@ def ingest_job_create(
         queue_check()  # accept nothing that cannot be queued: the client gets a 503 and retries
 
     with transaction.atomic():
-        job = IngestJob.objects.create(manifest_format=fmt, created_by=created_by)
+        name = (manifest.name or "").replace("\\", "/").rsplit("/", 1)[-1]
+        job = IngestJob.objects.create(manifest_format=fmt, manifest_name=name[:255], created_by=created_by)
         job.manifest.save(f"manifest.{fmt}", ContentFile(data), save=False)
         if archive is not None:
             job.archive.save("images.zip", archive, save=False)
@@ -296,7 +297,7 @@ def _row_store(row: IngestRow, item: _RowInput, categories: dict) -> tuple[Produ
                 product=product, data=item.data, filename=item.filename, queue=False
             )
             IngestRow.objects.filter(pk=row.pk).update(
-                status=RowStatus.DONE, image=image, error="", updated_at=timezone.now()
+                status=RowStatus.DONE, image=image, image_new=created, error="", updated_at=timezone.now()
             )
     except ValidationError:
         for path in set(categories) - known:
@@ -380,13 +381,16 @@ def ingest_job_refresh(*, job: IngestJob) -> IngestJob:
                                      image__status__in=[ImageStatus.PENDING, ImageStatus.PROCESSING])),
         image_failed=Count("id", filter=Q(status=RowStatus.DONE, image__status=ImageStatus.FAILED)),
         failed=Count("id", filter=Q(status=RowStatus.FAILED)),
+        new=Count("id", filter=Q(status=RowStatus.DONE, image_new=True)),
+        already=Count("id", filter=Q(status=RowStatus.DONE, image_new=False)),
     )
     failed = counts["failed"] + counts["image_failed"]
     succeeded = counts["total"] - counts["pending"] - counts["waiting"] - failed
     indexed = ProductImage.objects.filter(ingest_rows__job=job, status=ImageStatus.INDEXED).distinct().count()
     now = timezone.now()
     progress = {"total": counts["total"], "processed": succeeded + failed, "succeeded": succeeded,
-                "failed": failed, "images_indexed": indexed, "updated_at": now}
+                "failed": failed, "images_indexed": indexed, "images_new": counts["new"],
+                "images_already": counts["already"], "updated_at": now}
     if counts["pending"] or counts["waiting"]:
         IngestJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(**progress)
     else:

@@ -6,7 +6,8 @@ import codecs
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import PurePath
 
 from django.core.exceptions import ValidationError
@@ -56,7 +57,48 @@ def manifest_parse(*, data: bytes, format: str) -> Manifest:
     if not rows:
         after = " after its header" if format == "csv" else ""
         raise ValidationError({"manifest": f"the manifest has no rows{after}"})
-    return Manifest(format=format, rows=rows)
+    return Manifest(format=format, rows=_conflicts_failed(rows))
+
+
+PRODUCT_FIELDS = ("title", "category", "price", "description")  # what the rows of one sku must agree on
+
+
+def _same(name: str, a: str, b: str) -> bool:
+    if name == "price":
+        try:
+            return Decimal(a) == Decimal(b)
+        except InvalidOperation:
+            return a == b
+    if name == "category":
+        return [p.strip() for p in a.split("/") if p.strip()] == [p.strip() for p in b.split("/") if p.strip()]
+    return a == b
+
+
+def _conflicts_failed(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """Rows of one sku (several images of a product) must agree on the product: a later row that gives a
+    field another value than an earlier row fails, naming that line and field, instead of overwriting it."""
+    first: dict[str, dict[str, tuple[int, str]]] = {}  # sku -> field -> (line, value)
+    out = []
+    for row in rows:
+        sku = row.fields.get("sku", "")
+        if row.error or not sku:
+            out.append(row)
+            continue
+        given = first.setdefault(sku, {})
+        conflicts = [
+            f"{name}: line {given[name][0]} gives this sku's {name} as {given[name][1][:80]!r}, this row as "
+            f"{value[:80]!r}; rows of one sku must agree on the product"
+            for name in PRODUCT_FIELDS
+            if (value := row.fields.get(name, "")) and name in given and not _same(name, given[name][1], value)
+        ]
+        if conflicts:
+            out.append(replace(row, error="; ".join(conflicts)))
+            continue
+        for name in PRODUCT_FIELDS:
+            if row.fields.get(name) and name not in given:
+                given[name] = (row.number, row.fields[name])
+        out.append(row)
+    return out
 
 
 def _decode(data: bytes) -> str:

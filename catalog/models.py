@@ -17,7 +17,7 @@ def embedding_from_bytes(blob) -> np.ndarray:
 
 class Category(models.Model):
     name = models.CharField(max_length=200)
-    slug = models.SlugField(max_length=200, unique=True)
+    slug = models.SlugField(max_length=200, help_text="unique among the category's siblings, so paths are clean")
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
     )
@@ -27,6 +27,11 @@ class Category(models.Model):
     class Meta:
         ordering = ["slug"]
         verbose_name_plural = "categories"
+        constraints = [
+            models.UniqueConstraint(fields=["parent", "slug"], name="category_slug_unique_among_siblings"),
+            models.UniqueConstraint(fields=["slug"], condition=models.Q(parent__isnull=True),
+                                    name="category_slug_unique_at_the_top"),
+        ]
 
     def __str__(self) -> str:
         return self.path
@@ -201,6 +206,7 @@ class IngestJob(models.Model):
     status = models.CharField(max_length=24, choices=Status.choices, default=Status.QUEUED, db_index=True)
     manifest = models.FileField(upload_to=_ingest_file_path, max_length=255)
     manifest_format = models.CharField(max_length=8, choices=[("csv", "CSV"), ("jsonl", "JSON Lines")])
+    manifest_name = models.CharField(max_length=255, blank=True, default="", help_text="the file name as uploaded")
     archive = models.FileField(upload_to=_ingest_file_path, max_length=255, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="ingest_jobs"
@@ -210,6 +216,8 @@ class IngestJob(models.Model):
     succeeded = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
     images_indexed = models.PositiveIntegerField(default=0)
+    images_new = models.PositiveIntegerField(default=0, help_text="rows whose image was new to its product")
+    images_already = models.PositiveIntegerField(default=0, help_text="rows whose image the product already had")
     # Errors of the whole job (an unusable manifest); row errors live on the rows.
     errors = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -254,6 +262,7 @@ class IngestRow(models.Model):
     image = models.ForeignKey(
         ProductImage, null=True, blank=True, on_delete=models.SET_NULL, related_name="ingest_rows"
     )
+    image_new = models.BooleanField(default=False, help_text="the row stored a new image (not one already there)")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -14,6 +14,8 @@ from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
 from django.utils.text import slugify
 
 from catalog.models import Category, Product, ProductImage
@@ -47,13 +49,30 @@ def _check_parent(*, category: Category | None, parent: Category | None) -> None
         node = node.parent
 
 
-def _unique_slug(base: str, *, exclude_pk: int | None = None) -> str:
+def _siblings(parent: Category | None, exclude_pk: int | None = None):
+    return Category.objects.filter(parent=parent).exclude(pk=exclude_pk)
+
+
+def _unique_slug(base: str, parent: Category | None, *, exclude_pk: int | None = None) -> str:
+    """``base``, or ``base-2``... when a sibling has it already: a slug names a category among its siblings."""
     slug = base or "category"
     n = 2
-    while Category.objects.filter(slug=slug).exclude(pk=exclude_pk).exists():
+    while _siblings(parent, exclude_pk).filter(slug=slug).exists():
         slug = f"{base}-{n}"
         n += 1
     return slug
+
+
+def _where(parent: Category | None) -> str:
+    return f"under {parent.path!r}" if parent is not None else "at the top level"
+
+
+def _check_siblings(*, name: str | None, slug: str | None, parent: Category | None, exclude_pk: int | None = None):
+    """A category's name (case aside) and slug are its own among its siblings: a duplicate is a 400."""
+    if name is not None and _siblings(parent, exclude_pk).filter(name__iexact=name).exists():
+        raise ValidationError({"name": f"a category named {name!r} already exists {_where(parent)}"})
+    if slug and _siblings(parent, exclude_pk).filter(slug=slug).exists():
+        raise ValidationError({"slug": f"a category with slug {slug!r} already exists {_where(parent)}"})
 
 
 @transaction.atomic
@@ -61,9 +80,8 @@ def category_create(*, name: str, slug: str = "", parent: Category | None = None
     name = name.strip()
     if not name:
         raise ValidationError({"name": "a category needs a name"})
-    if slug and Category.objects.filter(slug=slug).exists():
-        raise ValidationError({"slug": f"a category with slug {slug!r} already exists"})
-    category = Category(name=name, slug=slug or _unique_slug(slugify(name)), parent=parent)
+    _check_siblings(name=name, slug=slug, parent=parent)
+    category = Category(name=name, slug=slug or _unique_slug(slugify(name), parent), parent=parent)
     category.save()
     return category
 
@@ -72,18 +90,45 @@ def category_create(*, name: str, slug: str = "", parent: Category | None = None
 def category_update(*, category: Category, **fields: Any) -> Category:
     if "parent" in fields:
         _check_parent(category=category, parent=fields["parent"])
-    if "slug" in fields and Category.objects.filter(slug=fields["slug"]).exclude(pk=category.pk).exists():
-        raise ValidationError({"slug": f"a category with slug {fields['slug']!r} already exists"})
+    parent = fields.get("parent", category.parent)
+    name = fields["name"].strip() if "name" in fields else category.name
+    if "name" in fields:
+        fields["name"] = name
+    _check_siblings(name=name, slug=fields.get("slug", category.slug), parent=parent, exclude_pk=category.pk)
     return _save_fields(category, fields)
 
 
 @transaction.atomic
-def category_delete(*, category: Category) -> None:
-    if category.children.exists():
-        raise ValidationError(
-            f"category {category.path!r} has subcategories; delete or move them first"
-        )
-    category.delete()  # its products become uncategorized
+def category_delete(*, category: Category, move_to: Category | None = None) -> dict:
+    """Delete a category. One that holds products or subcategories is refused (saying how many) unless
+    ``move_to`` says where they go: its products and subcategories move there first."""
+    products, children = category.products.count(), category.children.count()
+    if (products or children) and move_to is None:
+        held = " and ".join(part for part in (
+            f"{products} product{'s' * (products != 1)}" if products else "",
+            f"{children} subcategor{'ies' if children != 1 else 'y'}" if children else "") if part)
+        raise ValidationError({"move_to": f"category {category.path!r} holds {held}; give move_to (the id of the "
+                                          "category they should go to) to move them there and delete it"})
+    if move_to is not None:
+        if move_to.pk == category.pk or _is_descendant(move_to, of=category):
+            raise ValidationError({"move_to": f"category {move_to.path!r} is {category.path!r} or inside it; "
+                                              "choose a category outside the one deleted"})
+        for child in category.children.all():
+            _check_siblings(name=child.name, slug=child.slug, parent=move_to, exclude_pk=child.pk)
+        category.products.update(category=move_to, updated_at=timezone.now())
+        category.children.update(parent=move_to, updated_at=timezone.now())
+    category.delete()
+    return {"products_moved": products if move_to else 0, "categories_moved": children if move_to else 0}
+
+
+def _is_descendant(candidate: Category, *, of: Category) -> bool:
+    node, seen = candidate.parent, set()
+    while node is not None and node.pk not in seen:
+        if node.pk == of.pk:
+            return True
+        seen.add(node.pk)
+        node = node.parent
+    return False
 
 
 @transaction.atomic
@@ -97,13 +142,13 @@ def category_get_or_create_path(*, path: str) -> Category:
         slug = slugify(part)
         if not slug:
             raise ValidationError({"category": f"{part!r} is not a usable category name"})
-        category = Category.objects.filter(slug=slug, parent=parent).first()
+        category = _siblings(parent).filter(Q(slug=slug) | Q(name__iexact=part)).order_by("id").first()
         if category is None:
             try:
                 with transaction.atomic():
                     category = category_create(name=part, parent=parent)
             except IntegrityError:  # a concurrent writer (another ingest worker) created this level just now
-                category = Category.objects.get(slug=slug, parent=parent)
+                category = _siblings(parent).get(slug=slug)
         parent = category
     return parent
 

@@ -1,9 +1,9 @@
-"""Product list filters, strict about what they accept."""
+"""List filters (products, ingest jobs), strict about what they accept."""
 import django_filters
 from django import forms
 from django.db.models import Q
 
-from catalog.models import Product
+from catalog.models import IngestJob, Product
 from catalog.selectors import category_descendant_ids
 
 
@@ -54,3 +54,11 @@ class ProductFilter(django_filters.FilterSet):
 
     def filter_q(self, queryset, name, value):
         return queryset.filter(Q(sku__icontains=value) | Q(title__icontains=value)) if value else queryset
+
+
+class IngestJobFilter(django_filters.FilterSet):
+    status = django_filters.ChoiceFilter(choices=IngestJob.Status.choices, label="Only jobs with this status.")
+
+    class Meta:
+        model = IngestJob
+        fields = ["status"]

@@ -3,11 +3,12 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
-from rest_framework import serializers, status
+from rest_framework import generics, serializers, status
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from catalog.api.filters import IngestJobFilter
 from catalog.api.permissions import IsStaff
 from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.ingest import ingest_job_create, ingest_job_current, ingest_job_errors
@@ -45,17 +46,31 @@ class IngestJobOutput(serializers.ModelSerializer):
 
     class Meta:
         model = IngestJob
-        fields = ["id", "status", "total", "processed", "succeeded", "failed", "errors", "started_at",
-                  "finished_at", "images_per_s"]
+        fields = ["id", "status", "manifest_name", "total", "processed", "succeeded", "failed", "images_new",
+                  "images_already", "errors", "started_at", "finished_at", "images_per_s"]
 
     @extend_schema_field(IngestJobError(many=True))
     def get_errors(self, job: IngestJob) -> list[dict]:
         return ingest_job_errors(job=job)
 
 
-class IngestJobCreateApi(APIView):
+class IngestJobListItem(serializers.ModelSerializer):
+    images_per_s = serializers.FloatField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = IngestJob
+        fields = ["id", "status", "manifest_name", "total", "processed", "succeeded", "failed", "images_new",
+                  "images_already", "created_at", "started_at", "finished_at", "images_per_s"]
+
+
+class IngestJobCreateApi(generics.ListAPIView):
+    """GET: every ingest job, newest first (paginated, `status` filter); POST: a new one."""
+
     permission_classes = [IsStaff]
     parser_classes = [MultiPartParser]
+    serializer_class = IngestJobListItem
+    filterset_class = IngestJobFilter
+    queryset = IngestJob.objects.order_by("-id")
 
     @extend_schema(
         request={"multipart/form-data": IngestJobInput},

@@ -19,6 +19,15 @@ class CategoryInput(serializers.Serializer):
     parent = serializers.PrimaryKeyRelatedField(queryset=Category.objects.all(), allow_null=True, required=False)
 
 
+class CategoryDeleteQuery(serializers.Serializer):
+    move_to = serializers.PrimaryKeyRelatedField(
+        queryset=Category.objects.all(), required=False,
+        help_text="the id of the category that takes the deleted one's products and subcategories",
+        error_messages={"does_not_exist": "no category with id {pk_value} to move them to",
+                        "incorrect_type": "move_to must be a category id, not {data_type}"},
+    )
+
+
 class CategoryBrief(serializers.ModelSerializer):
     path = serializers.CharField(read_only=True)
 

@@ -10,6 +10,7 @@ from catalog import selectors, services
 from catalog.api.filters import ProductFilter
 from catalog.api.schema import ERROR, UNAVAILABLE
 from catalog.api.serializers import (
+    CategoryDeleteQuery,
     CategoryInput,
     CategoryOutput,
     ImageOutput,
@@ -63,9 +64,17 @@ class CategoryDetailApi(ReplaceOrChange, APIView):
         category = services.category_update(category=category, **data.validated_data)
         return Response(CategoryOutput(category).data)
 
-    @extend_schema(responses={204: None, 400: ERROR})
+    @extend_schema(
+        parameters=[CategoryDeleteQuery],
+        responses={204: None, 400: ERROR},
+        description="Delete a category. One that holds products or subcategories is refused with a 400 saying how "
+                    "many, unless `move_to` names the category they go to.",
+    )
     def delete(self, request, pk: int):
-        services.category_delete(category=get_object_or_404(Category, pk=pk))
+        category = get_object_or_404(Category, pk=pk)
+        query = CategoryDeleteQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        services.category_delete(category=category, move_to=query.validated_data.get("move_to"))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -75,14 +75,47 @@ def test_category_tree_crud(staff, anon):
     assert cycle.status_code == 400
     assert "ancestor" in cycle.json()["error"]
 
-    duplicate = staff.post("/api/categories/", {"name": "Other", "slug": "fruit"}, format="json")
-    assert duplicate.status_code == 400 and "already exists" in duplicate.json()["error"]
+    duplicate = staff.post("/api/categories/", {"name": "Other", "slug": "fruit", "parent": food["id"]}, format="json")
+    assert duplicate.status_code == 400 and "already exists under 'food'" in duplicate.json()["error"]
 
     blocked = staff.delete(f"/api/categories/{food['id']}/")
-    assert blocked.status_code == 400 and "subcategories" in blocked.json()["error"]
+    assert blocked.status_code == 400 and "holds 1 subcategory" in blocked.json()["error"]
     assert staff.delete(f"/api/categories/{fruit['id']}/").status_code == 204
     assert staff.delete(f"/api/categories/{food['id']}/").status_code == 204
     assert anon.get(f"/api/categories/{food['id']}/").status_code == 404
+
+
+def test_a_name_is_unique_among_its_siblings_and_paths_stay_clean(staff):
+    cards, prints = make_category(staff, "Cards"), make_category(staff, "Prints")
+    in_cards = make_category(staff, "Animals", parent=cards["id"])
+    in_prints = make_category(staff, "Animals", parent=prints["id"])
+    assert (in_cards["path"], in_prints["path"]) == ("cards/animals", "prints/animals")  # never animals-2
+    again = staff.post("/api/categories/", {"name": "animals", "parent": cards["id"]}, format="json")
+    assert again.status_code == 400 and again.json()["error"] == "a category named 'animals' already exists under 'cards'"
+    mugs = make_category(staff, "Mugs")
+    assert staff.post("/api/categories/", {"name": "Mugs"}, format="json").status_code == 400
+    moved = staff.patch(f"/api/categories/{in_prints['id']}/", {"parent": cards["id"]}, format="json")
+    assert moved.status_code == 400 and "already exists under 'cards'" in moved.json()["error"]
+    assert Category.objects.filter(name__iexact="mugs").count() == 1 and mugs["slug"] == "mugs"
+
+
+def test_deleting_a_category_that_holds_products_needs_a_place_to_move_them(staff):
+    kitchen = make_category(staff, "Kitchen")
+    mugs = make_category(staff, "Mugs", parent=kitchen["id"])
+    cups = make_category(staff, "Cups", parent=kitchen["id"])
+    for sku in ("M-1", "M-2"):
+        make_product(staff, sku, category=mugs["id"])
+    refused = staff.delete(f"/api/categories/{mugs['id']}/")
+    assert refused.status_code == 400 and "holds 2 products" in refused.json()["error"]
+    assert Product.objects.filter(category_id=mugs["id"]).count() == 2
+    for bad, expected in ((mugs["id"], "inside it"), (999999, "no category with id 999999"), ("x", "must be a category id")):
+        response = staff.delete(f"/api/categories/{mugs['id']}/?move_to={bad}")
+        assert response.status_code == 400 and expected in response.json()["error"], response.json()
+    assert staff.delete(f"/api/categories/{mugs['id']}/?move_to={cups['id']}").status_code == 204
+    assert set(Product.objects.values_list("category_id", flat=True)) == {cups["id"]}
+    refused = staff.delete(f"/api/categories/{kitchen['id']}/")
+    assert refused.status_code == 400 and "holds 1 subcategory" in refused.json()["error"]
+    assert staff.delete(f"/api/categories/{kitchen['id']}/?move_to={cups['id']}").status_code == 400  # inside it
 
 
 def test_product_crud_and_validation(staff, anon):

@@ -77,6 +77,9 @@ def test_the_same_manifest_twice_creates_no_duplicate(staff, catalog_upload):
     second = run_job(staff, *catalog_upload)
     assert second["id"] != first["id"]
     assert second["status"] == "succeeded" and second["succeeded"] == 4
+    # The figures say what happened: everything was new the first time, nothing the second.
+    assert (first["images_new"], first["images_already"]) == (4, 0)
+    assert (second["images_new"], second["images_already"]) == (0, 4)
     assert sorted(Product.objects.values_list("id", "sku")) == products
     assert sorted(ProductImage.objects.values_list("id", "sha256")) == images
     assert Category.objects.filter(slug="animals").count() == 1
@@ -242,6 +245,41 @@ def test_ingest_jobs_need_a_staff_account(anon, shopper, staff, catalog_upload):
     assert staff.get("/api/ingest-jobs/999999/").status_code == 404
 
 
+def test_rows_of_one_sku_that_disagree_on_the_product_fail_naming_the_earlier_line(staff, images):
+    manifest = make_csv([
+        ["MUG-1", "Blue mug", "img/cat.jpg", "kitchen/mugs", "12.50", ""],
+        ["MUG-1", "Blue mug", "img/cat-small.jpg", "kitchen/mugs/", "12.5", ""],  # the same, written otherwise
+        ["MUG-1", "Red mug", "img/coffee.jpg", "kitchen/mugs", "12.50", ""],
+        ["MUG-1", "", "img/rocket.png", "", "9.99", ""],
+    ])
+    body = run_job(staff, manifest, make_zip(images))
+    assert (body["succeeded"], body["failed"]) == (2, 2), body
+    errors = {e["row"]: e["error"] for e in body["errors"]}
+    assert errors[4] == ("title: line 2 gives this sku's title as 'Blue mug', this row as 'Red mug'; rows of one sku "
+                         "must agree on the product")
+    assert errors[5].startswith("price: line 2 gives this sku's price as '12.50', this row as '9.99'")
+    product = Product.objects.get(sku="MUG-1")
+    assert (product.title, product.price, product.images.count()) == ("Blue mug", Decimal("12.50"), 2)
+
+
+def test_the_jobs_are_listed_for_staff_newest_first_by_status_with_their_manifest_names(anon, shopper, staff, images):
+    good = run_job(staff, make_csv([["OK-1", "Cat", "img/cat.jpg", "", "", ""]]), make_zip(images), name="spring.csv")
+    bad = run_job(staff, make_csv([["BAD-1", "Cat", "img/none.jpg", "", "", ""]]), make_zip(images), name="summer.csv")
+    listed = staff.get("/api/ingest-jobs/")
+    assert listed.status_code == 200, listed.content
+    body = listed.json()
+    assert body["count"] == 2 and [job["id"] for job in body["results"]] == [bad["id"], good["id"]]
+    assert [job["manifest_name"] for job in body["results"]] == ["summer.csv", "spring.csv"]
+    assert body["results"][0]["failed"] == 1 and body["results"][1]["succeeded"] == 1
+    only = staff.get("/api/ingest-jobs/?status=succeeded").json()
+    assert [job["id"] for job in only["results"]] == [good["id"]]
+    paged = staff.get("/api/ingest-jobs/?page_size=1").json()
+    assert len(paged["results"]) == 1 and paged["next"]
+    refused = staff.get("/api/ingest-jobs/?status=done")
+    assert refused.status_code == 400 and isinstance(refused.json()["fields"]["status"], list)
+    assert anon.get("/api/ingest-jobs/").status_code == 401 and shopper.get("/api/ingest-jobs/").status_code == 403
+
+
 def test_a_job_is_refused_with_503_when_the_queue_is_down(staff, catalog_upload, monkeypatch, isolated_data):
     def down():
         raise QueueUnavailable("ConnectionError")
@@ -332,7 +370,8 @@ def test_the_command_shows_progress_and_a_summary(tmp_path, images):
     call_command("ingest", str(manifest), "--archive", str(archive), stdout=out)
     text = out.getvalue()
     assert "[##############################] 100%  3/3 rows  2 ok  1 failed" in text
-    assert "completed_with_errors: 3 rows, 2 succeeded, 1 failed; 2 images indexed" in text
+    assert "completed_with_errors: 3 rows, 2 succeeded, 1 failed; 2 new images, 0 already in the catalog; 2 of " \
+           "the job's images indexed" in text
     assert "row 4 (CMD-3): image: img/missing.jpg is not in the archive" in text
     assert Product.objects.filter(sku__startswith="CMD-").count() == 2
 
