@@ -237,9 +237,13 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
-# Celery: with no broker, tasks run in-process (eager) so the embedded default works end to end.
-CELERY_BROKER_URL = BROKER_URL or "memory://localhost/"
-CELERY_TASK_ALWAYS_EAGER = not PRODUCTION or env_bool("VISUALSEARCH_TASKS_EAGER", False)
+# Celery. Embedded, `./scripts/serve` runs a real background worker (VISUALSEARCH_EMBEDDED_WORKER=1) on kombu's
+# filesystem transport: messages are files under DATA_DIR/broker, nothing to install. Without it (tests, a bare
+# `manage.py` command) tasks run in-process (eager), as VISUALSEARCH_TASKS_EAGER=1 asks anywhere.
+EMBEDDED_WORKER = not PRODUCTION and env_bool("VISUALSEARCH_EMBEDDED_WORKER", False)
+BROKER_DIR = DATA_DIR / "broker"
+CELERY_BROKER_URL = BROKER_URL or ("filesystem://" if EMBEDDED_WORKER else "memory://localhost/")
+CELERY_TASK_ALWAYS_EAGER = (not PRODUCTION and not EMBEDDED_WORKER) or env_bool("VISUALSEARCH_TASKS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = False
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -280,6 +284,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
     "visibility_timeout": env_int("VISUALSEARCH_VISIBILITY_TIMEOUT", 600),
 }
+if EMBEDDED_WORKER:  # one folder both ways: the web app and the worker put and take messages there
+    CELERY_BROKER_TRANSPORT_OPTIONS.update({
+        "data_folder_in": str(BROKER_DIR / "messages"), "data_folder_out": str(BROKER_DIR / "messages"),
+        "processed_folder": str(BROKER_DIR / "processed"), "store_processed": False,
+        "control_folder": str(BROKER_DIR / "control"), "polling_interval": 0.1,
+    })
 # Images left pending or processing this long are queued again (a lost message, a broker outage).
 STALE_IMAGE_SECONDS = env_int("VISUALSEARCH_STALE_IMAGE_SECONDS", 120)
 EMBED_BATCH_SIZE = env_int("VISUALSEARCH_EMBED_BATCH", 32)

@@ -14,6 +14,9 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         for directory in (settings.DATA_DIR, settings.STATIC_ROOT, settings.MEDIA_ROOT, settings.INDEX_DIR):
             directory.mkdir(parents=True, exist_ok=True)
+        if settings.EMBEDDED_WORKER:  # the embedded worker's message folders (kombu's filesystem transport)
+            for name in ("messages", "processed", "control"):
+                (settings.BROKER_DIR / name).mkdir(parents=True, exist_ok=True)
         if not settings.PRODUCTION and not settings.SECRET_KEY_FILE.exists():
             settings.SECRET_KEY_FILE.write_text(secrets.token_urlsafe(50))
             settings.SECRET_KEY_FILE.chmod(0o600)
