@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 # Uploads are checked by decoding them, large JPEGs at reduced size (still every byte read): at least the
 # pixels any backbone's preprocessing needs, so what passes here also decodes for the model.
 UPLOAD_CHECK_MIN_SIDE = 256
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
+                     "HEIF": "heic", "AVIF": "avif"}
 
 
 def _save_fields(instance, fields: dict[str, Any]):

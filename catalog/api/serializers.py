@@ -59,7 +59,7 @@ class ImageOutput(ImageBrief):
 
 
 class ImageUploadInput(serializers.Serializer):
-    image = serializers.FileField(help_text="The image file (JPEG, PNG, WebP, GIF, BMP or TIFF).")
+    image = serializers.FileField(help_text="The image file (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC or AVIF).")
 
 
 class SuggestionOutput(serializers.ModelSerializer):

@@ -64,6 +64,24 @@ def test_a_photo_of_a_product_finds_it_first(anon, catalog, photo):
     assert isinstance(body["took_ms"], int)
 
 
+@pytest.mark.parametrize("fmt,extension,media_type", [("HEIF", "heic", "image/heif"), ("AVIF", "avif", "image/avif")])
+def test_phone_formats_are_accepted_stored_as_themselves_and_searchable(anon, staff, catalog, photo, fmt, extension,
+                                                                        media_type):
+    """An iPhone's HEIC and an AVIF: uploaded through the same checks, stored, indexed, and found by a search."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(photo("coffee"))).save(buffer, format=fmt, quality=80)
+    product = services.product_create(sku=f"PHONE-{fmt}", title="phone photo")
+    upload = staff.post(f"/api/products/{product.pk}/images/",
+                        {"image": SimpleUploadedFile(f"IMG_0001.{extension}", buffer.getvalue())}, format="multipart")
+    assert upload.status_code == 201, upload.content
+    image = ProductImage.objects.get(pk=upload.json()["id"])
+    assert image.status == "indexed" and image.file.name.endswith(f".{extension}")
+    served = anon.get(f"/media/{image.file.name}")
+    assert served.status_code == 200 and served["Content-Type"] == media_type
+    found = post_image(anon, buffer.getvalue()).json()["results"]
+    assert found[0]["product"]["sku"] == f"PHONE-{fmt}"
+
+
 def test_the_query_image_is_not_stored(anon, catalog, photo, isolated_data):
     files_before = sorted(p for p in (isolated_data / "media").rglob("*") if p.is_file())
     count = ProductImage.objects.count()

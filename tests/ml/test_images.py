@@ -25,7 +25,7 @@ CORPUS_MEMORY_CAP = 4 * 1024**3  # address space for the whole walk; a bomb hits
 CORPUS_PEAK_RSS_MB = 1024
 
 WHITE = (255, 255, 255)
-ACCEPTED = "accepted: BMP, GIF, JPEG, PNG, TIFF, WEBP"
+ACCEPTED = "accepted: AVIF, BMP, GIF, HEIF, JPEG, PNG, TIFF, WEBP"
 
 
 def encode(image: Image.Image, image_format: str, **params) -> bytes:
