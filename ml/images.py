@@ -9,11 +9,13 @@ the header before any pixels are allocated, and truncated files are refused.
 from __future__ import annotations
 
 import io
+import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import pillow_heif
+import pyvips
 from PIL import ExifTags, Image, ImageOps
 
 # HEIC/HEIF, the format of every iPhone photo, through pillow-heif's plugin (AVIF is Pillow's own); both go
@@ -21,7 +23,18 @@ from PIL import ExifTags, Image, ImageOps
 pillow_heif.register_heif_opener()
 
 DEFAULT_ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"})
-DEFAULT_MAX_PIXELS: int = 40_000_000
+# Far above any master (a 24,000 x 24,000 scan); what stops a bomb below it is the pixels-per-byte ratio.
+DEFAULT_MAX_PIXELS: int = 600_000_000
+# Above this many pixels an image is decoded while it is shrunk (libvips), so memory stays bounded whatever
+# its size: the model only ever needs a few hundred pixels a side.
+SHRINK_ON_LOAD_PIXELS: int = 24_000_000
+SHRUNK_MIN_SIDE: int = 1024  # the shorter side of a large image as decoded, at least (or ``min_side``)
+# More pixels per byte of file than this, on an image above BOMB_CHECK_PIXELS, is a decompression bomb:
+# a print master of flat artwork measured 216 (benchmarks/decode_memory.py), photos stay under 10, and a
+# one-colour greyscale PNG, deflate's best, about 1,000. Bombs below the pixel cap that pass it decode
+# shrunk anyway, in bounded memory.
+MAX_PIXELS_PER_BYTE: int = 1_000
+BOMB_CHECK_PIXELS: int = 16_000_000
 
 _WHITE = (255, 255, 255)
 # Far beyond any product photo; bounds the walk over page headers (about 0.1 ms each).
@@ -82,7 +95,11 @@ def decode_image(
         image = _open(data, image_format)
         width, height = image.size
         _check_size(width, height, max_pixels)
+        _check_ratio(width, height, len(data))
         _check_other_frames(image, image_format, data, max_pixels)
+        if width * height > SHRINK_ON_LOAD_PIXELS:
+            shrunk, upright = _decode_shrunk(data, width, height, max(min_side or 1, SHRUNK_MIN_SIDE))
+            return shrunk, ImageInfo(format=image_format, width=upright[0], height=upright[1])
         if min_side is not None and image_format == "JPEG":
             # Asking for min_side x min_side picks the largest scale that keeps both sides >= it.
             image.draft("RGB", (min_side, min_side))
@@ -237,6 +254,36 @@ def _gif_canvas(data: bytes) -> tuple[int, int]:
             position += data[position] + 1
         position += 1
     return width, height
+
+
+def _check_ratio(width: int, height: int, size: int) -> None:
+    pixels = width * height
+    if pixels > BOMB_CHECK_PIXELS and pixels > MAX_PIXELS_PER_BYTE * size:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {pixels / 1e6:.0f} megapixels in a file of {size / 1e3:.0f} KB "
+            f"({pixels / size:.0f} pixels per byte, over {MAX_PIXELS_PER_BYTE}): a decompression bomb, not a photo"
+        )
+
+
+def _decode_shrunk(data: bytes, width: int, height: int, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """A large image decoded while shrunk (libvips' thumbnail: JPEG shrinks on load, PNG and TIFF stream), so
+    its shorter side is about ``min_side``; upright, flattened onto white, 8-bit sRGB. Also its full upright size."""
+    scale = min(1.0, min_side / min(width, height))
+    box = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+    try:
+        image = pyvips.Image.thumbnail_buffer(data, box[0], height=box[1], size="down", fail_on="error")
+        rotated = image.width != image.height and (image.width > image.height) != (box[0] > box[1])
+        if image.hasalpha():
+            image = image.flatten(background=[255] * (image.bands - 1))
+        image = image.colourspace("srgb")
+        if image.format != "uchar":
+            image = image.cast("uchar")
+        pixels = np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8,
+                            shape=(image.height, image.width, image.bands))
+    except pyvips.Error as e:
+        reason = str(e).strip().splitlines()
+        raise ImageDecodeError(f"image file is truncated or corrupt: {reason[-1] if reason else 'libvips failed'}") from e
+    return Image.fromarray(np.ascontiguousarray(pixels[..., :3])), (height, width) if rotated else (width, height)
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -174,7 +174,7 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 
 # Images: what uploads may be, and how the model sees them.
 IMAGE_ALLOWED_FORMATS = [f.upper() for f in env_list("VISUALSEARCH_IMAGE_FORMATS", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"])]
-IMAGE_MAX_PIXELS = env_int("VISUALSEARCH_IMAGE_MAX_PIXELS", 40_000_000)
+IMAGE_MAX_PIXELS = env_int("VISUALSEARCH_IMAGE_MAX_PIXELS", 600_000_000)  # bombs: ml/images.py ratio
 INDEX_DIR = DATA_DIR / "index"
 # The category head (catalog/categorizer.py): trained head files, and the evaluation reports the admin links to.
 CATEGORIZER_DIR = DATA_DIR / "categorizer"

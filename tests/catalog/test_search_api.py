@@ -82,6 +82,23 @@ def test_phone_formats_are_accepted_stored_as_themselves_and_searchable(anon, st
     assert found[0]["product"]["sku"] == f"PHONE-{fmt}"
 
 
+def test_a_print_master_of_168_megapixels_is_accepted_indexed_and_found(anon, staff, catalog, photo):
+    """A catalog's print-resolution PNG (10,500 x 16,000 pixels, about 1 MB) was refused by a 40 MP cap."""
+    master = Image.open(io.BytesIO(photo("coffee"))).resize((10_500, 16_000), Image.NEAREST)
+    buffer = io.BytesIO()
+    master.save(buffer, format="PNG", compress_level=9)
+    del master
+    product = services.product_create(sku="MASTER-1", title="print master")
+    upload = staff.post(f"/api/products/{product.pk}/images/",
+                        {"image": SimpleUploadedFile("master.png", buffer.getvalue())}, format="multipart")
+    assert upload.status_code == 201, upload.content
+    image = ProductImage.objects.get(pk=upload.json()["id"])
+    assert (image.status, image.width, image.height) == ("indexed", 10_500, 16_000)
+    query = io.BytesIO()
+    Image.open(io.BytesIO(photo("coffee"))).resize((300, 457)).save(query, format="JPEG")
+    assert post_image(anon, query.getvalue()).json()["results"][0]["product"]["sku"] == "MASTER-1"  # its aspect
+
+
 def test_the_query_image_is_not_stored(anon, catalog, photo, isolated_data):
     files_before = sorted(p for p in (isolated_data / "media").rglob("*") if p.is_file())
     count = ProductImage.objects.count()

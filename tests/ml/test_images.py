@@ -195,7 +195,53 @@ def test_header_claiming_a_huge_size_is_refused_before_decoding():
     # 7.5 GB of RGB if it were decoded: only the header check can answer this quickly.
     with pytest.raises(ImageDecodeError) as refused:
         decode_image(data)
-    assert str(refused.value) == "image is 50000x50000 = 2500.0 megapixels, over the 40.0 megapixel limit"
+    assert str(refused.value) == "image is 50000x50000 = 2500.0 megapixels, over the 600.0 megapixel limit"
+
+
+def test_a_header_claiming_far_more_pixels_than_its_bytes_could_hold_is_a_bomb():
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)  # 400 MP, under the cap, in a 1 KB file
+    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+            + png_chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match=r"pixels per byte, over 1000\): a decompression bomb"):
+        decode_image(data)
+
+
+def master_child(kind: str) -> None:
+    """Child-process side: make a large master, decode it as the pipeline does, print size and peak memory."""
+    if kind == "png":  # a print-resolution master of flat artwork: 10,500 x 16,000, about 1 MB as PNG
+        art = Image.new("L", (10_500, 16_000), 255)
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(art)
+        for i in range(30):
+            draw.ellipse((300 * i, 500 * i, 300 * i + 3000, 500 * i + 2500), fill=40 + 6 * i)
+        data = encode(art.convert("RGB"), "PNG")
+    else:  # a 45-megapixel camera JPEG
+        rng = np.random.default_rng(0)
+        data = encode(Image.fromarray(rng.integers(0, 255, (550, 820, 3), dtype=np.uint8)).resize((8200, 5500)),
+                      "JPEG", quality=90)
+        art = None
+    del art
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith("VmRSS:")))
+    image, info = decode_image(data, min_side=256)
+    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM:")))
+    print(json.dumps({"full": [info.width, info.height], "decoded": list(image.size), "mode": image.mode,
+                      "peak_mb": (peak - before) / 1024}))
+
+
+@pytest.mark.parametrize("kind,full", [("png", [10_500, 16_000]), ("jpeg", [8200, 5500])])
+def test_large_masters_are_decoded_shrunk_in_bounded_memory(kind, full):
+    child = subprocess.run([sys.executable, "-c", f"from tests.ml.test_images import master_child; master_child({kind!r})"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["full"] == full and result["mode"] == "RGB"
+    assert min(result["decoded"]) >= 256 and max(result["decoded"]) <= 2048, result  # what the model needs
+    assert result["peak_mb"] < 300, result
 
 
 def test_pixel_cap_is_the_callers_to_set():
