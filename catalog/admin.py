@@ -9,12 +9,13 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from catalog import categorizer, model_versions, suggestions
+from catalog import categorizer, duplicates, model_versions, suggestions
 from catalog.ingest import ingest_job_current, ingest_job_errors
 from catalog.models import (
     CategorizerVersion,
     Category,
     CategoryPrediction,
+    DuplicatePair,
     IngestJob,
     ModelVersion,
     Product,
@@ -303,5 +304,62 @@ class ModelVersionAdmin(ReportsAdmin):
             try:
                 served = action(version)
                 self.message_user(request, f"model {served.pk} now serves")
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), level=messages.ERROR)
+
+
+@admin.register(DuplicatePair)
+class DuplicatePairAdmin(admin.ModelAdmin):
+    """Near-duplicates across products, side by side: merge into one product, or say they are not duplicates."""
+
+    list_display = ["first", "first_product", "second", "second_product", "score", "status", "created_at"]
+    list_filter = ["status"]
+    search_fields = ["image__product__sku", "other__product__sku"]
+    actions = ["merge_into_first", "merge_into_second", "not_duplicates"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("image__product", "other__product")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="image")
+    def first(self, pair: DuplicatePair) -> str:
+        return thumbnail(pair.image, 90)
+
+    @admin.display(description="product")
+    def first_product(self, pair: DuplicatePair) -> str:
+        return f"{pair.image.product.sku}: {pair.image.product.title}"
+
+    @admin.display(description="looks like")
+    def second(self, pair: DuplicatePair) -> str:
+        return thumbnail(pair.other, 90)
+
+    @admin.display(description="product")
+    def second_product(self, pair: DuplicatePair) -> str:
+        return f"{pair.other.product.sku}: {pair.other.product.title}"
+
+    @admin.action(description="Merge into the first product (move the images, deactivate the second)")
+    def merge_into_first(self, request, queryset):
+        self._merge(request, queryset, lambda pair: pair.image.product)
+
+    @admin.action(description="Merge into the second product (move the images, deactivate the first)")
+    def merge_into_second(self, request, queryset):
+        self._merge(request, queryset, lambda pair: pair.other.product)
+
+    @admin.action(description="Not duplicates: never list these pairs again")
+    def not_duplicates(self, request, queryset):
+        for pair in queryset:
+            duplicates.duplicate_dismiss(pair=pair)
+        self.message_user(request, f"{queryset.count()} pair(s) will not be listed again.")
+
+    def _merge(self, request, queryset, keep) -> None:
+        for pair in queryset.filter(status=DuplicatePair.Status.OPEN):
+            try:
+                kept = duplicates.duplicate_merge(pair=pair, keep=keep(pair))
+                self.message_user(request, f"merged into {kept.sku}")
             except ValidationError as exc:
                 self.message_user(request, " ".join(exc.messages), level=messages.ERROR)

@@ -16,12 +16,13 @@ import numpy as np
 from django.conf import settings
 from django.utils import timezone
 
+from catalog.duplicates import duplicates_record
 from catalog.models import ProductImage, embedding_from_bytes
 from catalog.pipeline import images_reembed_for_current_model, images_requeue_stale
 from catalog.process_cache import ProcessCache
 from catalog.queue import enqueue
 from catalog.selectors import embedded_images
-from catalog.serving import get_embedder, maybe_activate, served_model
+from catalog.serving import active_index, get_embedder, maybe_activate, served_model
 from ml.files import exclusive_lock
 from ml.index_build import build_base, compact
 from ml.index_store import IndexWriter, index_directory, read_manifest
@@ -81,6 +82,7 @@ def index_apply(*, add_ids: list[int], remove_ids: list[int], model: dict | None
     added, removed, published = 0, 0, []
     with index_writer_lock():
         by_identity, found = _embedded_groups(add_ids)
+        active = active_index() or model  # the served index, or the model about to be served first
         remove = np.array(sorted(set(remove_ids) | (set(add_ids) - found)), dtype=np.int64)
         for identity in sorted(set(by_identity) | set(_known_identities())):
             group = by_identity.get(identity, [])
@@ -95,6 +97,8 @@ def index_apply(*, add_ids: list[int], remove_ids: list[int], model: dict | None
                 ids = np.array([pk for pk, _ in adds], dtype=np.int64)
                 vectors = np.stack([v for _, v in adds]) if adds else np.zeros((0, writer.dim), np.float32)
                 writer.apply(add_ids=ids, vectors=vectors, remove_ids=gone)
+                if active is not None and identity == active["identity"]:
+                    duplicates_record(index=writer.current(), ids=ids, vectors=vectors)
                 added, removed = added + len(ids), removed + int(gone.size)
                 published.append(identity)
                 _ask_for_compaction(writer)

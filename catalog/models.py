@@ -324,3 +324,31 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"model {self.pk} {self.identity or self.backbone} ({self.status})"
+
+
+class DuplicatePair(models.Model):
+    """Two images of different products that are copies of one photo (resized, re-compressed, cropped or
+    colour-shifted): found when the later one is indexed, reviewed by a catalog admin."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        NOT_DUPLICATES = "not_duplicates"  # remembered: never listed again
+        MERGED = "merged"
+
+    image = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="+")  # the lower id
+    other = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="+")
+    score = models.FloatField(help_text="cosine similarity of the two images' vectors")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-score"]
+        verbose_name = "near-duplicate pair"
+        constraints = [
+            models.UniqueConstraint(fields=["image", "other"], name="unique_duplicate_pair"),
+            models.CheckConstraint(condition=models.Q(image__lt=models.F("other")), name="duplicate_pair_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"images {self.image_id} and {self.other_id} ({self.score:.3f}, {self.status})"

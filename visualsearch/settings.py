@@ -294,6 +294,8 @@ if EMBEDDED_WORKER:  # one folder both ways: the web app and the worker put and 
 STALE_IMAGE_SECONDS = env_int("VISUALSEARCH_STALE_IMAGE_SECONDS", 120)
 EMBED_BATCH_SIZE = env_int("VISUALSEARCH_EMBED_BATCH", 32)
 INDEX_EXACT_THRESHOLD = env_int("VISUALSEARCH_INDEX_EXACT_THRESHOLD", 50_000)
+# Images of two products at least this similar (cosine) are recorded as near-duplicates (catalog/duplicates.py).
+DUPLICATE_SCORE = float(env_str("VISUALSEARCH_DUPLICATE_SCORE", "0.78"))  # docs/decisions.md
 
 # Bulk ingest jobs (catalog/ingest.py): caps on what an upload may hold, and how the work is split.
 INGEST_MAX_MANIFEST_BYTES = env_int("VISUALSEARCH_INGEST_MAX_MANIFEST_BYTES", 100 * 1024 * 1024)

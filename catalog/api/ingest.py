@@ -113,7 +113,7 @@ class IngestJobReportApi(APIView):
     @extend_schema(
         responses={(200, "text/csv"): OpenApiTypes.STR},
         description="Every row of the job as CSV (UTF-8 with a byte-order mark): line, status (succeeded, failed, "
-                    "pending), error, then the manifest's columns, to fix the failed rows and upload them again. "
+                    "pending), error, warning (its image looks like another product's), then the manifest's columns, to fix the failed rows and upload them again. "
                     "Cells that a spreadsheet would run as a formula start with a quote.",
     )
     def get(self, request, pk: int):

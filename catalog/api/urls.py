@@ -5,6 +5,7 @@ from rest_framework.authtoken.views import obtain_auth_token
 
 from catalog.api import views
 from catalog.api.categorizer import CategorizerApi, CategorizerApplyApi, CategorizerTrainApi
+from catalog.api.duplicates import DuplicatesApi
 from catalog.api.health import HealthApi
 from catalog.api.ingest import IngestJobCreateApi, IngestJobDetailApi, IngestJobReportApi
 from catalog.api.models import (
@@ -41,6 +42,7 @@ urlpatterns = [
     path("models/<int:pk>/rollback/", RollbackApi.as_view(), name="model-rollback"),
     path("evaluate/", EvaluateApi.as_view(), name="evaluate"),
     path("evaluate/latest/", EvaluateLatestApi.as_view(), name="evaluate-latest"),
+    path("duplicates/", DuplicatesApi.as_view(), name="duplicates"),
     path("health/", HealthApi.as_view(), name="health"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
