@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from catalog import categorizer, duplicates, model_versions, suggestions
+from catalog import categorizer, duplicates, model_versions, pipeline, suggestions
 from catalog.ingest import ingest_job_current, ingest_job_errors
 from catalog.models import (
     CategorizerVersion,
@@ -124,13 +124,14 @@ class ProductAdmin(admin.ModelAdmin):
 
 @admin.register(ProductImage)
 class ProductImageAdmin(admin.ModelAdmin):
-    list_display = ["preview", "id", "product", "status", "model_identity", "created_at"]
+    list_display = ["preview", "id", "product", "status", "short_error", "model_identity", "created_at"]
     list_filter = ["status", "product__category", "model_identity"]
     search_fields = ["product__sku", "product__title", "sha256"]
     # The file is read-only: a replacement here would skip the upload's checks and leave sha256 and the
     # vector describing the old bytes; upload a new image through the API instead.
     readonly_fields = ["preview", "file", "sha256", "width", "height", "model_identity", "labels", "error"]
     raw_id_fields = ["product"]
+    actions = ["retry"]
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -138,6 +139,15 @@ class ProductImageAdmin(admin.ModelAdmin):
     @admin.display(description="image")
     def preview(self, image: ProductImage) -> str:
         return thumbnail(image)
+
+    @admin.display(description="error")
+    def short_error(self, image: ProductImage) -> str:
+        return image.error[:120] + ("…" if len(image.error) > 120 else "")
+
+    @admin.action(description="Queue the failed ones for embedding again")
+    def retry(self, request, queryset):
+        count = pipeline.images_retry_failed(image_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"{count} failed image{'s' if count != 1 else ''} queued again.")
 
 
 @admin.register(CategoryPrediction)

@@ -120,6 +120,15 @@ def images_queue_embedding(*, image_ids: list[int]) -> int:
     return queued
 
 
+def images_retry_failed(*, image_ids: list[int]) -> int:
+    """Queue failed images for embedding again (after the cause was fixed: a model, a codec, a disk);
+    returns how many. Each goes back to pending, its error kept until the new attempt ends."""
+    failed = list(ProductImage.objects.filter(id__in=image_ids, status=Status.FAILED).values_list("id", flat=True))
+    ProductImage.objects.filter(id__in=failed).update(status=Status.PENDING, updated_at=timezone.now())
+    images_queue_embedding(image_ids=failed)
+    return len(failed)
+
+
 def images_requeue_stale() -> dict:
     """Queue again images stuck pending or processing (a lost message, a broker outage, a dead worker)."""
     if queue_backlog("embed"):

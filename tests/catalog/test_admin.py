@@ -24,7 +24,8 @@ def catalog(settings, tmp_path, photo):
     return apple, image
 
 
-@pytest.mark.parametrize("model", ["category", "product", "productimage", "categoryprediction"])
+@pytest.mark.parametrize("model", ["category", "product", "productimage", "categoryprediction", "duplicatepair",
+                                   "ingestjob"])
 def test_every_model_has_an_admin(admin_client, model):
     assert admin_client.get(f"/admin/catalog/{model}/").status_code == 200
 
@@ -67,3 +68,19 @@ def test_attributes_postgresql_cannot_store_are_refused_in_the_admin(admin_clien
     assert accepted.is_valid(), accepted.errors
     apple.refresh_from_db()
     assert apple.attributes == {}
+
+
+def test_failed_images_show_their_error_and_can_be_queued_again(admin_client, catalog, monkeypatch):
+    from catalog import pipeline
+    from catalog.models import ProductImage
+
+    _, image = catalog
+    ProductImage.objects.filter(pk=image.pk).update(status="failed", error="the decoder crashed on this file")
+    listing = admin_client.get("/admin/catalog/productimage/").content.decode()
+    assert "the decoder crashed on this file" in listing
+    queued = []
+    monkeypatch.setattr(pipeline, "images_queue_embedding", lambda image_ids: queued.append(image_ids) or 1)
+    response = admin_client.post("/admin/catalog/productimage/", {"action": "retry", "_selected_action": [image.pk]},
+                                 follow=True)
+    assert "1 failed image queued again." in response.content.decode()
+    assert queued == [[image.pk]] and ProductImage.objects.get(pk=image.pk).status == "pending"
