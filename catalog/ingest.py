@@ -25,7 +25,7 @@ from django.core.exceptions import ValidationError
 from django.core.files import File
 from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Max, Q
+from django.db.models import Count, Max, Min, Q
 from django.utils import timezone
 
 from catalog import services
@@ -387,10 +387,14 @@ def ingest_job_refresh(*, job: IngestJob) -> IngestJob:
     failed = counts["failed"] + counts["image_failed"]
     succeeded = counts["total"] - counts["pending"] - counts["waiting"] - failed
     indexed = ProductImage.objects.filter(ingest_rows__job=job, status=ImageStatus.INDEXED).distinct().count()
+    pace = ProductImage.objects.filter(ingest_rows__job=job, ingest_rows__image_new=True,
+                                       status=ImageStatus.INDEXED).aggregate(first=Min("updated_at"),
+                                                                             last=Max("updated_at"))
     now = timezone.now()
     progress = {"total": counts["total"], "processed": succeeded + failed, "succeeded": succeeded,
                 "failed": failed, "images_indexed": indexed, "images_new": counts["new"],
-                "images_already": counts["already"], "updated_at": now}
+                "images_already": counts["already"], "first_image_at": pace["first"],
+                "last_image_at": pace["last"], "updated_at": now}
     if counts["pending"] or counts["waiting"]:
         IngestJob.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(**progress)
     else:

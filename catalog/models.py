@@ -3,7 +3,6 @@ import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
-from django.utils import timezone
 
 
 def embedding_to_bytes(vector: np.ndarray) -> bytes:
@@ -218,6 +217,8 @@ class IngestJob(models.Model):
     images_indexed = models.PositiveIntegerField(default=0)
     images_new = models.PositiveIntegerField(default=0, help_text="rows whose image was new to its product")
     images_already = models.PositiveIntegerField(default=0, help_text="rows whose image the product already had")
+    first_image_at = models.DateTimeField(null=True, blank=True, help_text="when the job's first new image was indexed")
+    last_image_at = models.DateTimeField(null=True, blank=True, help_text="when its latest new image was indexed")
     # Errors of the whole job (an unusable manifest); row errors live on the rows.
     errors = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -238,11 +239,23 @@ class IngestJob(models.Model):
 
     @property
     def images_per_s(self) -> float | None:
-        """Images indexed per second of the job's run so far."""
-        if self.started_at is None:
+        """New images indexed per second, from the first one indexed to the latest: the pipeline's pace, without
+        the start (a worker loading its model, the archive opened), which ``seconds_to_first_image`` gives. A
+        job indexed in one batch has no such span: its pace is over the whole job."""
+        if self.first_image_at is None or self.last_image_at is None or self.started_at is None:
             return None
-        seconds = ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
-        return round(self.images_indexed / seconds, 2) if seconds > 0 else None
+        seconds = (self.last_image_at - self.first_image_at).total_seconds()
+        if seconds > 0 and self.images_new > 1:
+            return round((self.images_new - 1) / seconds, 2)
+        seconds = (self.last_image_at - self.started_at).total_seconds()
+        return round(self.images_new / seconds, 2) if seconds > 0 else None
+
+    @property
+    def seconds_to_first_image(self) -> float | None:
+        """From the job's start to its first new image indexed: model loading and the first batch included."""
+        if self.started_at is None or self.first_image_at is None:
+            return None
+        return round((self.first_image_at - self.started_at).total_seconds(), 2)
 
 
 class IngestRow(models.Model):

@@ -42,12 +42,17 @@ class IngestJobError(serializers.Serializer):
 
 class IngestJobOutput(serializers.ModelSerializer):
     errors = serializers.SerializerMethodField()
-    images_per_s = serializers.FloatField(read_only=True, allow_null=True)
+    images_per_s = serializers.FloatField(read_only=True, allow_null=True,
+                                          help_text="new images indexed per second, from the first to the latest")
+    seconds_to_first_image = serializers.FloatField(read_only=True, allow_null=True,
+                                                    help_text="from the start to the first new image indexed "
+                                                              "(a worker loading its model is here)")
 
     class Meta:
         model = IngestJob
         fields = ["id", "status", "manifest_name", "total", "processed", "succeeded", "failed", "images_new",
-                  "images_already", "errors", "started_at", "finished_at", "images_per_s"]
+                  "images_already", "errors", "started_at", "finished_at", "images_per_s",
+                  "seconds_to_first_image"]
 
     @extend_schema_field(IngestJobError(many=True))
     def get_errors(self, job: IngestJob) -> list[dict]:
@@ -55,12 +60,17 @@ class IngestJobOutput(serializers.ModelSerializer):
 
 
 class IngestJobListItem(serializers.ModelSerializer):
-    images_per_s = serializers.FloatField(read_only=True, allow_null=True)
+    images_per_s = serializers.FloatField(read_only=True, allow_null=True,
+                                          help_text="new images indexed per second, from the first to the latest")
+    seconds_to_first_image = serializers.FloatField(read_only=True, allow_null=True,
+                                                    help_text="from the start to the first new image indexed "
+                                                              "(a worker loading its model is here)")
 
     class Meta:
         model = IngestJob
         fields = ["id", "status", "manifest_name", "total", "processed", "succeeded", "failed", "images_new",
-                  "images_already", "created_at", "started_at", "finished_at", "images_per_s"]
+                  "images_already", "created_at", "started_at", "finished_at", "images_per_s",
+                  "seconds_to_first_image"]
 
 
 class IngestJobCreateApi(generics.ListAPIView):

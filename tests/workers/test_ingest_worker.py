@@ -61,6 +61,7 @@ def test_a_job_survives_a_worker_killed_mid_chunk_and_redoes_no_row(workers, sta
     assert body["status"] == "succeeded", body
     assert (body["total"], body["processed"], body["succeeded"], body["failed"]) == (ROWS, ROWS, ROWS, 0)
     assert body["images_per_s"] > 0 and body["finished_at"] >= body["started_at"]
+    assert body["seconds_to_first_image"] > 0  # the worker loading its model, reported apart from the pace
     assert any(status == "running" and 0 < processed < ROWS for status, processed in seen)  # progress showed
 
     after = dict(IngestRow.objects.filter(job_id=job_id, number__in=list(finished)).values_list("number", "updated_at"))

@@ -86,7 +86,8 @@ class Command(BaseCommand):
             f"ingest job {job.pk} {job.status}: {job.total} rows, {job.succeeded} succeeded, {job.failed} failed; "
             f"{job.images_new} new images, {job.images_already} already in the catalog; {job.images_indexed} "
             f"of the job's images indexed in {seconds:.1f} s"
-            + (f" ({job.images_per_s:.1f} images/s)" if job.images_per_s else "")
+            + (f" ({job.images_per_s:.1f} images/s after the first, which took {job.seconds_to_first_image:.1f} s)"
+               if job.images_per_s else "")
         ))
         errors = ingest_job_errors(job=job, limit=ERRORS_SHOWN)
         for error in errors:
