@@ -96,11 +96,16 @@ class UnlikelyCategoryFilter(admin.SimpleListFilter):
     parameter_name = "unlikely_category"
 
     def lookups(self, request, model_admin):
+        weakness = categorizer.integrity_check_weakness()
+        if weakness is not None:  # say so, rather than list what a weak head happens to doubt
+            return [("not-judged", f"Not judged: {weakness}")]
         return [("yes", f"Yes (under {categorizer.UNLIKELY_THRESHOLD:.0%})")]
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
             return queryset.filter(pk__in=list(categorizer.products_with_unlikely_category()))
+        if self.value() == "not-judged":
+            return queryset.none()
         return queryset
 
 

@@ -211,6 +211,22 @@ def _threshold_table(check_heads, data: _TrainingData, categories: list[str]) ->
 
 # ----- the integrity check -----------------------------------------------------------------------
 
+CHECK_MIN_TOP1 = 0.6  # held-out top-1 under this: the check heads guess more than they judge
+
+
+def integrity_check_weakness() -> str | None:
+    """Why the integrity check cannot judge this catalog yet (None: it can): no head, or one too weak to
+    tell a wrong category from its own uncertainty, which on a tiny catalog flagged most products."""
+    version = version_in_service()
+    if version is None:
+        return "no category head serves yet: train it (manage.py train_categorizer)"
+    top1, learnt = float(version.metrics.get("top1") or 0.0), int(version.n_train or 0)
+    if top1 < CHECK_MIN_TOP1:
+        return (f"the category head learnt from {learnt} images and is right for {top1:.0%} of held-out products; "
+                f"the check needs {CHECK_MIN_TOP1:.0%} to tell a wrong category from its own uncertainty")
+    return None
+
+
 def products_with_unlikely_category(*, threshold: float = UNLIKELY_THRESHOLD) -> dict[int, float]:
     """{product id: probability of its own category} for categorized products that probability is under `threshold` for.
 
@@ -219,7 +235,7 @@ def products_with_unlikely_category(*, threshold: float = UNLIKELY_THRESHOLD) ->
     """
     active = active_index()
     loaded = loaded_head(active["identity"]) if active else None
-    if loaded is None:
+    if loaded is None or integrity_check_weakness() is not None:
         return {}
     heads = check_heads(loaded)
     categories = loaded.head.categories

@@ -274,6 +274,16 @@ def test_integrity_filter_surfaces_the_mislabelled_product(trained, admin_client
     assert "rocket-0" in admin_client.get("/admin/catalog/product/").content.decode()
 
 
+def test_a_head_too_weak_to_judge_says_so_instead_of_flagging_noise(trained, admin_client):
+    """On a tiny catalog a weak head flagged 37 of 50 products; now the check says it cannot judge."""
+    CategorizerVersion.objects.filter(status="ready").update(metrics={"top1": 0.35, "top5": 0.8})
+    assert categorizer.products_with_unlikely_category() == {}
+    page = admin_client.get("/admin/catalog/product/").content.decode()
+    assert "Not judged: the category head learnt from" in page and "right for 35% of held-out products" in page
+    listed = admin_client.get("/admin/catalog/product/", {"unlikely_category": "not-judged"}).content.decode()
+    assert "coffee-as-cat" not in listed
+
+
 def test_evaluate_writes_an_html_report_with_plots_that_the_admin_links_to(trained, admin_client, capsys):
     call_command("evaluate_categorizer")
     out = capsys.readouterr().out
