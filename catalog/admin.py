@@ -1,16 +1,19 @@
 """The admin: catalog tables, the suggestion review queue, models, evaluation reports and ingest jobs."""
 from pathlib import Path
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import FileResponse, Http404
-from django.shortcuts import get_object_or_404
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from catalog import categorizer, duplicates, model_versions, pipeline, suggestions
-from catalog.ingest import ingest_job_current, ingest_job_errors
+from catalog.ingest import ingest_job_create, ingest_job_current, ingest_job_errors
+from catalog.manifest import COLUMNS
 from catalog.models import (
     CategorizerVersion,
     Category,
@@ -21,6 +24,7 @@ from catalog.models import (
     Product,
     ProductImage,
 )
+from catalog.queue import QueueUnavailable
 from catalog.reports import CATEGORIZER_REPORT_FILES, EVALUATION_REPORT_FILES
 
 
@@ -224,9 +228,16 @@ class CategorizerVersionAdmin(ReportsAdmin):
     no_report_hint = "run manage.py evaluate_categorizer"
 
 
+class IngestUploadForm(forms.Form):
+    manifest = forms.FileField(help_text="CSV (or JSON Lines) with the columns sku, title, image (required), "
+                                         "category, price, description")
+    archive = forms.FileField(required=False, help_text="a ZIP of the images the manifest names by path")
+
+
 @admin.register(IngestJob)
 class IngestJobAdmin(admin.ModelAdmin):
-    """Jobs arrive through POST /api/ingest-jobs/ or `manage.py ingest`; here they are followed."""
+    """Jobs arrive through POST /api/ingest-jobs/, `manage.py ingest` or the upload form here ("Add"), and are
+    followed here."""
 
     list_display = ["id", "manifest_name", "status", "progress", "total", "succeeded", "failed", "images_per_s",
                     "created_by", "created_at", "finished_at"]
@@ -235,15 +246,32 @@ class IngestJobAdmin(admin.ModelAdmin):
               "manifest", "archive", "created_by", "created_at", "started_at", "finished_at", "report", "error_list"]
     readonly_fields = fields
 
-    def has_add_permission(self, request) -> bool:
-        return False
-
     def has_change_permission(self, request, obj=None) -> bool:
         return False
 
     def get_object(self, request, object_id, from_field=None):
         job = super().get_object(request, object_id, from_field)
         return ingest_job_current(job=job) if job is not None else None
+
+    def add_view(self, request, form_url="", extra_context=None):
+        """The upload form: a manifest and an optional ZIP of images become a queued job, as through the API."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = IngestUploadForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                job = ingest_job_create(manifest=form.cleaned_data["manifest"],
+                                        archive=form.cleaned_data.get("archive"), created_by=request.user)
+            except ValidationError as exc:
+                form.add_error(None, " ".join(exc.messages))
+            except QueueUnavailable as exc:
+                form.add_error(None, str(exc))
+            else:
+                self.message_user(request, f"ingest job {job.pk} queued: its progress shows here as it runs")
+                return redirect(reverse("admin:catalog_ingestjob_change", args=[job.pk]))
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta, "form": form,
+                   "title": "Upload a manifest", "columns": ", ".join(COLUMNS)}
+        return TemplateResponse(request, "admin/catalog/ingestjob/upload.html", context)
 
     @admin.display(description="progress")
     def progress(self, job: IngestJob) -> str:

@@ -406,3 +406,23 @@ def test_the_admin_shows_jobs_with_a_progress_bar(client, staff, images):
     assert 'class="ingest-progress" style="width:100%' in listing and "Completed With Errors" in listing
     page = client.get(f"/admin/catalog/ingestjob/{body['id']}/change/").content.decode()
     assert "row 3 (ADM-2): image: img/x.jpg is not in the archive" in page
+
+
+def test_the_admin_uploads_a_manifest_and_its_archive_as_a_job(client, images):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    client.force_login(get_user_model().objects.create_superuser("root", password="root-pass-123"))
+    listing = client.get("/admin/catalog/ingestjob/").content.decode()
+    assert 'href="/admin/catalog/ingestjob/add/"' in listing
+    form = client.get("/admin/catalog/ingestjob/add/")
+    assert form.status_code == 200 and 'id="ingest-upload"' in form.content.decode()
+    manifest = make_csv([["FORM-1", "Cat", "img/cat.jpg", "prints", "5", ""]])
+    done = client.post("/admin/catalog/ingestjob/add/", {
+        "manifest": SimpleUploadedFile("autumn.csv", manifest), "archive": SimpleUploadedFile("a.zip", make_zip(images))},
+        follow=True)
+    job = IngestJob.objects.get()
+    assert done.redirect_chain[-1][0] == f"/admin/catalog/ingestjob/{job.pk}/change/"
+    assert f"Ingest job {job.pk} queued" in done.content.decode() and job.manifest_name == "autumn.csv"
+    assert Product.objects.filter(sku="FORM-1").exists()  # tasks in-process here: the job ran
+    refused = client.post("/admin/catalog/ingestjob/add/", {"manifest": SimpleUploadedFile("m.csv", b"name,price\na,1\n")})
+    assert refused.status_code == 200 and "sku" in refused.content.decode() and IngestJob.objects.count() == 1
