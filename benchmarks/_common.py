@@ -117,3 +117,29 @@ def gunicorn(env: dict, port: int, *, workers: int = 1, threads: int = 2, log=No
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def embedded_catalog(work: Path) -> None:
+    """A fresh embedded catalog under ``work`` in this process: SQLite, tasks in-process, the offline model
+    (EfficientNet-Lite0, ImageNet weights); Django set up, the data directory prepared, migrated."""
+    import os
+
+    os.environ.update({"VISUALSEARCH_DATA_DIR": str(work / "data"), "DJANGO_SETTINGS_MODULE": "visualsearch.settings",
+                       "VISUALSEARCH_BACKBONE": "efficientnet_lite0", "VISUALSEARCH_WEIGHTS": "imagenet",
+                       "VISUALSEARCH_TASKS_EAGER": "1"})
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("prepare_data", stdout=io.StringIO())
+    call_command("migrate", "--noinput", stdout=io.StringIO())
+
+
+def machine() -> str:
+    """The line each benchmark ends with: the CPU's model name and how many cores."""
+    import os
+
+    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name"))
+    return f"machine: {cpu}, {os.cpu_count()} cores"

@@ -13,7 +13,6 @@ were refused and the largest peak, and each master's peak, time and decoded size
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine  # noqa: E402
 from ml.images import ImageDecodeError, decode_image  # noqa: E402
 
 MIN_SIDE = 256
@@ -131,9 +131,7 @@ def main() -> None:
           f"{worst[0] / 2**20:.0f} MB ({worst[1]})", flush=True)
     for path in make_masters(args.masters):  # each in a process of its own: no memory freed before to reuse
         print(f"{path.name} ({path.stat().st_size / 1e6:.1f} MB): {one_fresh(path)}", flush=True)
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
-    print(f"machine: {cpu}, {os.cpu_count()} cores", flush=True)
+    print(machine(), flush=True)
 
 
 if __name__ == "__main__":

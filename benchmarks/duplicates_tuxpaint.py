@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import embedded_catalog, machine  # noqa: E402
 from benchmarks.finetune_tuxpaint import stamps  # noqa: E402
 
 COPIES = 50
@@ -97,21 +97,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="duplicates-tuxpaint-"))
-    os.environ.update({"VISUALSEARCH_DATA_DIR": str(work / "data"), "DJANGO_SETTINGS_MODULE": "visualsearch.settings",
-                       "VISUALSEARCH_BACKBONE": "efficientnet_lite0", "VISUALSEARCH_WEIGHTS": "imagenet",
-                       "VISUALSEARCH_TASKS_EAGER": "1"})
-    import django
-
-    django.setup()
+    embedded_catalog(work)
     from django.conf import settings
-    from django.core.management import call_command
 
     from catalog import pipeline, services
     from catalog.duplicates import duplicate_groups
     from catalog.serving import get_embedder
 
-    call_command("prepare_data", stdout=io.StringIO())
-    call_command("migrate", "--noinput", stdout=io.StringIO())
     files = sorted(stamps().rglob("*.png"))
 
     def add(sku: str, data: bytes, name: str) -> int:
@@ -139,9 +131,7 @@ def main() -> None:
           f"(target <= 5 %)", flush=True)
     print(f"groups: {len(groups)}; stamps grouped among themselves (look-alike or recoloured stamps of the "
           f"package): {among}", flush=True)
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
-    print(f"machine: {cpu}, {os.cpu_count()} cores", flush=True)
+    print(machine(), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._common import embedded_catalog, machine  # noqa: E402
 
 STAMPS = Path("/tmp/tuxpaint/usr/share/tuxpaint/stamps")
 HIDDEN_SHARE = 0.3
@@ -47,19 +47,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only this many stamps (a quick try)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="finetune-tuxpaint-"))
-    os.environ.update({"VISUALSEARCH_DATA_DIR": str(work / "data"), "DJANGO_SETTINGS_MODULE": "visualsearch.settings",
-                       "VISUALSEARCH_BACKBONE": "efficientnet_lite0", "VISUALSEARCH_WEIGHTS": "imagenet",
-                       "VISUALSEARCH_TASKS_EAGER": "1"})
-    import django
-
-    django.setup()
+    embedded_catalog(work)
     from django.core.management import call_command
 
     from catalog import pipeline, services
     from catalog.models import ModelVersion
 
-    call_command("prepare_data", stdout=io.StringIO())
-    call_command("migrate", "--noinput", stdout=io.StringIO())
     files = sorted(stamps().rglob("*.png"))[: args.limit]
     started = time.perf_counter()
     ids = []
@@ -90,9 +83,7 @@ def main() -> None:
               f"MRR {search['mrr']:.3f}; category top-1 {categories['top1']:.3f}, top-5 {categories['top5']:.3f} "
               f"({metrics['queries']} queries, {categories['images']} held-out images)", flush=True)
     print(f"decision: {version.status}: {version.decision.get('why')}", flush=True)
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
-    print(f"machine: {cpu}, {os.cpu_count()} cores", flush=True)
+    print(machine(), flush=True)
 
 
 if __name__ == "__main__":

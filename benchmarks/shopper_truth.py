@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import embedded_catalog, machine  # noqa: E402
 from benchmarks.finetune_tuxpaint import STAMPS, stamps  # noqa: E402
 
 SEED_SALT = "shopper-truth-queries"  # not the evaluation's salt: calibration and report use different photos
@@ -92,12 +92,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only this many stamps (a quick try)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="shopper-truth-"))
-    os.environ.update({"VISUALSEARCH_DATA_DIR": str(work / "data"), "DJANGO_SETTINGS_MODULE": "visualsearch.settings",
-                       "VISUALSEARCH_BACKBONE": "efficientnet_lite0", "VISUALSEARCH_WEIGHTS": "imagenet",
-                       "VISUALSEARCH_TASKS_EAGER": "1"})
-    import django
-
-    django.setup()
+    embedded_catalog(work)
     from django.core.management import call_command
     from PIL import Image
 
@@ -107,8 +102,6 @@ def main() -> None:
     from catalog.search import search_catalog
     from ml.augment import cluttered_backgrounds, shopper_photo
 
-    call_command("prepare_data", stdout=io.StringIO())
-    call_command("migrate", "--noinput", stdout=io.StringIO())
     files = sorted(stamps().rglob("*.png"))[: args.limit]
     inside = [p for p in files if in_catalog(p.name)]
     outside = [p for p in files if not in_catalog(p.name)]
@@ -184,9 +177,7 @@ def main() -> None:
     assert answer["query_heatmap"].startswith("data:image/png") and answer["match_heatmap"].startswith("data:image/png")
     print(f"explain: p50 {np.median(seconds):.3f} s, max {max(seconds):.3f} s over 20 calls (warm model, "
           f"the query photo decoded each time)", flush=True)
-    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.startswith("model name"))
-    print(f"machine: {cpu}, {os.cpu_count()} cores", flush=True)
+    print(machine(), flush=True)
 
 
 if __name__ == "__main__":
