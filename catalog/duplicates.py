@@ -36,9 +36,11 @@ def duplicates_record(*, index, ids: np.ndarray, vectors: np.ndarray) -> int:
                       .values_list("id", "product_id"))
     pairs = [DuplicatePair(image_id=a, other_id=b, score=round(score, 4)) for (a, b), score in close.items()
              if a in product_of and b in product_of and product_of[a] != product_of[b]]
-    before = DuplicatePair.objects.count()
+    # Counted among these images' pairs only, never over the whole table: this runs on every index update.
+    known = set(DuplicatePair.objects.filter(image_id__in={pair.image_id for pair in pairs})
+                .values_list("image_id", "other_id"))
     DuplicatePair.objects.bulk_create(pairs, ignore_conflicts=True)
-    return DuplicatePair.objects.count() - before
+    return sum((pair.image_id, pair.other_id) not in known for pair in pairs)
 
 
 def duplicate_groups(*, limit: int = 500) -> list[dict]:

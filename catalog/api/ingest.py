@@ -40,25 +40,6 @@ class IngestJobError(serializers.Serializer):
     error = serializers.CharField()
 
 
-class IngestJobOutput(serializers.ModelSerializer):
-    errors = serializers.SerializerMethodField()
-    images_per_s = serializers.FloatField(read_only=True, allow_null=True,
-                                          help_text="new images indexed per second, from the first to the latest")
-    seconds_to_first_image = serializers.FloatField(read_only=True, allow_null=True,
-                                                    help_text="from the start to the first new image indexed "
-                                                              "(a worker loading its model is here)")
-
-    class Meta:
-        model = IngestJob
-        fields = ["id", "status", "manifest_name", "total", "processed", "succeeded", "failed", "images_new",
-                  "images_already", "errors", "started_at", "finished_at", "images_per_s",
-                  "seconds_to_first_image"]
-
-    @extend_schema_field(IngestJobError(many=True))
-    def get_errors(self, job: IngestJob) -> list[dict]:
-        return ingest_job_errors(job=job)
-
-
 class IngestJobListItem(serializers.ModelSerializer):
     images_per_s = serializers.FloatField(read_only=True, allow_null=True,
                                           help_text="new images indexed per second, from the first to the latest")
@@ -71,6 +52,17 @@ class IngestJobListItem(serializers.ModelSerializer):
         fields = ["id", "status", "manifest_name", "total", "processed", "succeeded", "failed", "images_new",
                   "images_already", "created_at", "started_at", "finished_at", "images_per_s",
                   "seconds_to_first_image"]
+
+
+class IngestJobOutput(IngestJobListItem):
+    errors = serializers.SerializerMethodField()
+
+    class Meta(IngestJobListItem.Meta):
+        fields = [name for name in IngestJobListItem.Meta.fields if name != "created_at"] + ["errors"]
+
+    @extend_schema_field(IngestJobError(many=True))
+    def get_errors(self, job: IngestJob) -> list[dict]:
+        return ingest_job_errors(job=job)
 
 
 class IngestJobCreateApi(generics.ListAPIView):
