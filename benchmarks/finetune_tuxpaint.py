@@ -40,20 +40,11 @@ def hidden(name: str) -> bool:
     return int.from_bytes(hashlib.sha256(f"hidden:{name}".encode()).digest()[:4], "big") / 2**32 < HIDDEN_SHARE
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--limit", type=int, default=None, help="only this many stamps (a quick try)")
-    args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="finetune-tuxpaint-"))
-    embedded_catalog(work)
-    from django.core.management import call_command
-
+def stamp_catalog(limit: int | None = None) -> None:
+    """Every stamp (or the first ``limit``) as a product of the embedded catalog, embedded and indexed."""
     from catalog import pipeline, services
-    from catalog.models import ModelVersion
 
-    files = sorted(stamps().rglob("*.png"))[: args.limit]
+    files = sorted(stamps().rglob("*.png"))[:limit]
     started = time.perf_counter()
     ids = []
     for number, path in enumerate(files):
@@ -65,6 +56,21 @@ def main() -> None:
     pipeline.images_queue_embedding(image_ids=ids)  # in-process: embeds and indexes
     print(f"catalog: {len(files)} stamps, {sum(not hidden(p.name) for p in files)} with a category; embedded and "
           f"indexed in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="only this many stamps (a quick try)")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="finetune-tuxpaint-"))
+    embedded_catalog(work)
+    from django.core.management import call_command
+
+    from catalog.models import ModelVersion
+
+    stamp_catalog(args.limit)
 
     started = time.perf_counter()
     call_command("evaluate")

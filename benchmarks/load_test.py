@@ -1,6 +1,7 @@
 """A bounded load test on 127.0.0.1: concurrent clients searching while an ingest job runs.
 
     .venv/bin/python benchmarks/load_test.py [--clients 50] [--seconds 60] [--ingest 1000] [--products 1000]
+                                             [--batching on|off|compare]
 
 The production layout on one machine: gunicorn (--server-workers x --server-threads) and one Celery worker
 with beat (-c 1, every queue) on PostgreSQL and Redis. A catalog of --products real-photo products is
@@ -9,6 +10,11 @@ while it runs, --clients threads send multipart photo searches (k=10) one after 
 Afterwards it waits for the job to finish and prints the searches (requests, errors: every non-2xx, with
 429s counted apart, and requests that got no answer), their p50/p95/p99 latency and throughput, and the
 job's outcome. The exit status is 1 if any search failed or any ingest row did not succeed.
+
+--batching compare (the default) runs the searching twice against the same catalog, the server started
+first without query batching (VISUALSEARCH_QUERY_BATCH_WAIT_MS=0: one forward pass per request) and then
+with it (the settings' default wait), and prints both side by side; the ingest job runs in the first phase
+only, so use --ingest 0 for a comparison of searching alone.
 
 It creates the database named by --database (default `visualsearch_load` on 127.0.0.1:5432; dropped
 first and afterwards) and empties the Redis database of --redis (default 13) before and after. ResNet-50 with random weights by
@@ -36,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import build_upload, gunicorn, photo_variants, seed_catalog  # noqa: E402
+from benchmarks._common import build_upload, gunicorn, machine, photo_variants, seed_catalog  # noqa: E402
 
 # One address sends every search here, and the search throttle counts per address.
 SEARCH_RATE = "1000000/min"
@@ -120,6 +126,8 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=60, help="a search unanswered this long fails")
     parser.add_argument("--search-rate", default=SEARCH_RATE,
                         help=f"the server's VISUALSEARCH_SEARCH_RATE (default {SEARCH_RATE})")
+    parser.add_argument("--batching", choices=("compare", "on", "off"), default="compare",
+                        help="embed concurrent searches together (on), one by one (off), or both in turn (compare)")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432/visualsearch_load")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
@@ -167,10 +175,22 @@ def main() -> int:
         cwd=REPO, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
     )
     status = 1
+    phases = {"compare": ("off", "on"), "on": ("on",), "off": ("off",)}[args.batching]
+    outcomes = {}
     try:
-        with gunicorn(env, args.port, workers=args.server_workers, threads=args.server_threads,
-                      log=open(data_dir / "web.log", "w")) as base:
-            status = run(args, base, token, manifest, archive, queries)
+        for number, phase in enumerate(phases):
+            phase_env = {**env, **({"VISUALSEARCH_QUERY_BATCH_WAIT_MS": "0"} if phase == "off" else {})}
+            print(f"\n--- query batching {phase} ---", flush=True)
+            with gunicorn(phase_env, args.port, workers=args.server_workers, threads=args.server_threads,
+                          log=open(data_dir / f"web-{phase}.log", "w")) as base:
+                outcomes[phase] = run(args, base, token, manifest, archive, queries, ingest=number == 0)
+        status = max(code for code, _ in outcomes.values())
+        if len(outcomes) == 2:
+            off, on = outcomes["off"][1], outcomes["on"][1]
+            print(f"\nquery batching, {args.clients} clients: searches/s {off['searches_per_s']} -> "
+                  f"{on['searches_per_s']} ({on['searches_per_s'] / off['searches_per_s']:.2f}x), p95 "
+                  f"{off['p95_ms']:.0f} -> {on['p95_ms']:.0f} ms, p50 {off['p50_ms']:.0f} -> {on['p50_ms']:.0f} ms")
+        print(machine())
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -186,7 +206,8 @@ def main() -> int:
     return status
 
 
-def run(args, base: str, token: str, manifest: bytes, archive: bytes, queries: list[bytes]) -> int:
+def run(args, base: str, token: str, manifest: bytes, archive: bytes, queries: list[bytes], *,
+        ingest: bool = True) -> tuple[int, dict]:
     import requests
 
     staff = requests.Session()
@@ -207,15 +228,17 @@ def run(args, base: str, token: str, manifest: bytes, archive: bytes, queries: l
                 return body
             time.sleep(1)
 
+    ingest = ingest and args.ingest > 0
     # Warm-up, outside the clock: the worker loads its model (a one-row job), each server process its own.
-    first_row = manifest.decode().splitlines()[1].split(",", 1)[1]
-    warm_up = wait_job(post_job(f"sku,title,image,category,price\nWARM-UP,{first_row}\n".encode()), 600)
-    assert warm_up["status"] == "succeeded", warm_up
+    if ingest:
+        first_row = manifest.decode().splitlines()[1].split(",", 1)[1]
+        warm_up = wait_job(post_job(f"sku,title,image,category,price\nWARM-UP,{first_row}\n".encode()), 600)
+        assert warm_up["status"] == "succeeded", warm_up
     for data in queries[: 4 * args.server_workers]:
         requests.post(f"{base}/api/search/", files={"image": ("q.jpg", data, "image/jpeg")}, timeout=120).raise_for_status()
 
     ingest_started = time.monotonic()
-    job_id = post_job(manifest)
+    job_id = post_job(manifest) if ingest else None
     results = Searches()
     search_started = time.monotonic()
     deadline = search_started + args.seconds
@@ -229,16 +252,18 @@ def run(args, base: str, token: str, manifest: bytes, archive: bytes, queries: l
     for client in clients:
         client.join()
     search_seconds = time.monotonic() - search_started
-    during = staff.get(f"{base}/api/ingest-jobs/{job_id}/", timeout=60).json()
-    job = wait_job(job_id, args.ingest_timeout)
-    ingest_seconds = (time.monotonic() - ingest_started) if job["status"] not in ("queued", "running") else None
+    if ingest:
+        during = staff.get(f"{base}/api/ingest-jobs/{job_id}/", timeout=60).json()
+        job = wait_job(job_id, args.ingest_timeout)
+        ingest_seconds = (time.monotonic() - ingest_started) if job["status"] not in ("queued", "running") else None
 
     lat = np.array(results.latencies_ms) if results.latencies_ms else np.array([np.nan])
     p50, p95, p99 = np.percentile(lat, [50, 95, 99])
     throttled = results.statuses.get(429, 0)
     other = results.errors - throttled - sum(results.no_answer.values())
     print(f"\n{args.clients} clients x {search_seconds:.0f} s of POST /api/search/ (photo, k=10), "
-          f"{args.products}-product catalog, while ingesting {args.ingest} images; {args.backbone} "
+          f"{args.products}-product catalog, {f'while ingesting {args.ingest} images' if ingest else 'no ingest'}; "
+          f"{args.backbone} "
           f"({args.weights} weights); gunicorn {args.server_workers} workers x {args.server_threads} threads, "
           f"one Celery worker; {os.cpu_count()} cores")
     print(f"search throttle set to {args.search_rate} for this test (VISUALSEARCH_SEARCH_RATE; default 600/min "
@@ -250,21 +275,25 @@ def run(args, base: str, token: str, manifest: bytes, archive: bytes, queries: l
         print(f"  e.g. {line}")
     print(f"latency ms (answered 2xx): p50 {p50:.0f}, p95 {p95:.0f}, p99 {p99:.0f}, max {np.nanmax(lat):.0f}")
     print(f"throughput: {results.requests / search_seconds:.1f} searches/s")
-    finished = f"in {ingest_seconds:.0f} s ({args.ingest / ingest_seconds:.1f} images/s)" if ingest_seconds else \
-        f"not finished after {args.ingest_timeout:.0f} s"
-    print(f"ingest job {job_id}: {job['status']}, {job['total']} rows: {job['succeeded']} done, {job['failed']} failed, "
-          f"{finished}; {during['processed']} rows processed when the searching stopped")
-    for error in job["errors"][:5]:
-        print(f"  row {error['row']} ({error['sku']}): {error['error']}")
-    print(json.dumps({
+    figures = {
         "clients": args.clients, "seconds": round(search_seconds, 1), "requests": results.requests,
         "errors": results.errors, "status_429": throttled, "p50_ms": round(float(p50), 1),
         "p95_ms": round(float(p95), 1), "p99_ms": round(float(p99), 1),
-        "searches_per_s": round(results.requests / search_seconds, 2), "ingest_status": job["status"],
-        "ingest_done": job["succeeded"], "ingest_failed": job["failed"],
-        "ingest_s": round(ingest_seconds, 1) if ingest_seconds else None,
-    }))
-    return 1 if results.errors or job["status"] != "succeeded" or job["succeeded"] != args.ingest else 0
+        "searches_per_s": round(results.requests / search_seconds, 2),
+    }
+    failed = bool(results.errors)
+    if ingest:
+        finished = f"in {ingest_seconds:.0f} s ({args.ingest / ingest_seconds:.1f} images/s)" if ingest_seconds else \
+            f"not finished after {args.ingest_timeout:.0f} s"
+        print(f"ingest job {job_id}: {job['status']}, {job['total']} rows: {job['succeeded']} done, "
+              f"{job['failed']} failed, {finished}; {during['processed']} rows processed when the searching stopped")
+        for error in job["errors"][:5]:
+            print(f"  row {error['row']} ({error['sku']}): {error['error']}")
+        figures.update({"ingest_status": job["status"], "ingest_done": job["succeeded"],
+                        "ingest_failed": job["failed"], "ingest_s": round(ingest_seconds, 1) if ingest_seconds else None})
+        failed = failed or job["status"] != "succeeded" or job["succeeded"] != args.ingest
+    print(json.dumps(figures))
+    return int(failed), figures
 
 
 if __name__ == "__main__":

@@ -114,31 +114,45 @@ def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:
     for number, version in enumerate(versions):
         vectors = model_vectors(version, catalog, serving)
         model = get_embedder({"backbone": version.backbone, "weights": version.weights})
-        query_vectors = []
-        for start in range(0, len(plan), QUERY_BATCH):
-            # The same seeded photos for every model, made again rather than all held in memory.
-            photos = shopper_queries(plan[start:start + QUERY_BATCH],
-                                     lambda image_id: load_catalog_image(catalog.files[image_id]), backgrounds)
-            query_vectors.append(model.embed([photo for _, photo, _ in photos]).vectors)
+
+        def progress(done: int, number=number, version=version) -> None:
             if on_progress:
-                on_progress(f"evaluating model {version.pk}", number * len(plan) + start + len(photos),
-                            len(versions) * len(plan))
-        rankings = rank_products(vectors, plan, np.concatenate(query_vectors))
+                on_progress(f"evaluating model {version.pk}", number * len(plan) + done, len(versions) * len(plan))
+
+        queries = query_vectors(model, plan, catalog, backgrounds, on_progress=progress)
+        rankings = rank_products(vectors, plan, queries)
         results.append({"search": search_metrics(rankings, plan, catalog.category_of),
-                        "categories": _category_figures(vectors, catalog, version.identity),
+                        "categories": category_figures(vectors, catalog, version.identity),
                         "calibration": match_calibration(rankings, catalog.category_of),
                         "queries": len(plan), "images": len(vectors.image_ids)})
     return results
 
 
-def _category_figures(vectors: CatalogVectors, catalog: CatalogImages, identity: str) -> dict | None:
+def query_vectors(model, plan: list, catalog: CatalogImages, backgrounds, *, on_progress=None) -> np.ndarray:
+    """The plan's shopper-like query photos embedded by ``model``: the same seeded photos for every model."""
+    batches = []
+    for start in range(0, len(plan), QUERY_BATCH):
+        # Made again for each model rather than all held in memory.
+        photos = shopper_queries(plan[start:start + QUERY_BATCH],
+                                 lambda image_id: load_catalog_image(catalog.files[image_id]), backgrounds)
+        batches.append(model.embed([photo for _, photo, _ in photos]).vectors)
+        if on_progress:
+            on_progress(start + len(photos))
+    return np.concatenate(batches)
+
+
+def category_figures(vectors: CatalogVectors, catalog: CatalogImages, identity: str,
+                     test_vectors: np.ndarray | None = None) -> dict | None:
+    """Top-1/top-5 of a category head trained on the non-held-out products' ``vectors`` and tested on the
+    held-out ones' (``test_vectors``' rows instead, when given: another precision's vectors of the same images)."""
     train_rows, test_rows = [], []
     for row, product in enumerate(vectors.product_ids.tolist()):
         if product in catalog.category_of:
             (test_rows if held_out(product) else train_rows).append(row)
     train = (vectors.vectors[train_rows], [catalog.category_of[int(vectors.product_ids[r])] for r in train_rows],
              [int(vectors.product_ids[r]) for r in train_rows])
-    test = (vectors.vectors[test_rows], [catalog.category_of[int(vectors.product_ids[r])] for r in test_rows])
+    tested = vectors.vectors if test_vectors is None else test_vectors
+    test = (tested[test_rows], [catalog.category_of[int(vectors.product_ids[r])] for r in test_rows])
     return category_metrics(train, test, identity=identity)
 
 

@@ -4,7 +4,7 @@ from django.core.files.storage import default_storage
 
 from catalog.models import Product, ProductImage
 from catalog.search import crop_to, decode_query
-from catalog.serving import query_embedder
+from catalog.serving import embed_query, query_embedder
 from ml.localize import agreement, heatmap_png
 
 
@@ -34,7 +34,7 @@ def explain_match(*, image_id: int, image_data: bytes | None = None, product_id:
             raise ValidationError({"product": f"product {product_id} has no image"})
         query = _stored_image(first, model.min_side)
     matched = _stored_image(match, model.min_side)
-    maps = model.embed([query, matched], maps=True).maps
+    maps = embed_query(model, [query, matched], maps=True).maps
     query_heat, match_heat = agreement(maps[0], maps[1])
     return {"query_heatmap": heatmap_png(query, query_heat, model.preset),
             "match_heatmap": heatmap_png(matched, match_heat, model.preset)}

@@ -26,7 +26,6 @@ from catalog.queue import enqueue, queue_check
 from catalog.serving import get_embedder
 from ml.catalog_eval import held_out
 from ml.files import file_sha256
-from ml.finetune import FinetuneConfig, TrainingImage, default_config, finetune
 from ml.index_build import build_base
 from ml.index_store import IndexWriter, index_directory
 
@@ -37,8 +36,10 @@ TRAIN_DECODE_SIDE = 448
 MAX_ATTEMPTS = 3
 
 
-def finetune_start(*, epochs: int | None = None, created_by=None, config: FinetuneConfig | None = None) -> ModelVersion:
-    """Queue a fine-tuning of the serving model; while one is working, that one is returned."""
+def finetune_start(*, epochs: int | None = None, created_by=None, config=None) -> ModelVersion:
+    """Queue a fine-tuning of the serving model; while one is working, that one is returned.
+
+    ``config``: an ml.finetune.FinetuneConfig (tests); by default the recipe's for the device."""
     if epochs is not None and not 0 <= epochs <= 100:
         raise ValidationError({"epochs": f"epochs must be between 0 and 100, got {epochs}"})
     working = ModelVersion.objects.filter(status__in=ModelVersion.WORKING).first()
@@ -92,6 +93,9 @@ def finetune_run(*, version_id: int) -> dict:
 
 
 def _train(version: ModelVersion) -> None:
+    # Imported here: training needs PyTorch, and importing it costs seconds every worker would pay at start.
+    from ml.finetune import FinetuneConfig, TrainingImage, default_config
+
     _update(version, status=Status.TRAINING, progress={"stage": "training"})
     catalog = catalog_images()
     numbers = {path: number for number, path in enumerate(sorted(set(catalog.category_of.values())))}
@@ -194,6 +198,13 @@ def _compare(mine: dict, theirs: dict) -> tuple[bool, str]:
                                                                        categories[0] > categories[1]):
         return True, f"better on the catalog's evaluation: {figures}"
     return False, f"not better on the catalog's evaluation: {figures}"
+
+
+def finetune(**kwargs) -> dict:
+    """``ml.finetune.finetune``, imported on first use (PyTorch)."""
+    from ml.finetune import finetune as train
+
+    return train(**kwargs)
 
 
 def trainings_resume_lost() -> dict:

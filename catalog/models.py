@@ -320,6 +320,9 @@ class ModelVersion(models.Model):
     compared_with = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     compared_metrics = models.JSONField(default=dict, blank=True, help_text="the other model's, on the same queries")
     decision = models.JSONField(default=dict, blank=True)
+    precision = models.JSONField(default=dict, blank=True,
+                                 help_text="per machine kind: the precision chosen by the catalog's evaluation, with "
+                                           "its figures (catalog/precision_choice.py)")
     error = models.TextField(blank=True, default="")
     report_file = models.CharField(max_length=255, blank=True, default="", help_text="Relative to settings.REPORTS_DIR.")
     attempts = models.PositiveIntegerField(default=0)

@@ -15,7 +15,7 @@ from catalog.category_heads import head_predict_categories
 from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
 from catalog.process_cache import ProcessCache
 from catalog.selectors import category_descendant_ids
-from catalog.serving import active_index, query_embedder
+from catalog.serving import active_index, embed_query, query_embedder
 from ml.catalog_eval import match_of
 from ml.images import ImageDecodeError, decode_image
 from ml.index_store import IndexReader, index_directory
@@ -212,7 +212,7 @@ def search_catalog(
         model = query_embedder()
         photo = decode_query(image_data, model.min_side)
         # One batch: the whole photo (its objects) and, with a box, the region searched.
-        embedded = model.embed([photo] if box is None else [photo, crop_to(photo, box)], maps=True)
+        embedded = embed_query(model, [photo] if box is None else [photo, crop_to(photo, box)], maps=True)
         objects = object_boxes(photo, embedded.maps[0], model.preset)
         vector, labels = embedded.vectors[-1], list(embedded.labels[-1])
     else:

@@ -7,23 +7,31 @@ only read it.
 """
 import json
 import logging
+import threading
+import weakref
 from pathlib import Path
 
 from django.conf import settings
+from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from catalog.models import ProductImage
 from catalog.process_cache import ProcessCache, file_stamp
 from ml.files import atomic_write
+from ml.images import ImageDecodeError, decode_image
+from ml.precision import machine_kind
 
 logger = logging.getLogger(__name__)
 Status = ProductImage.Status
 
 ACTIVE_FILE = "active.json"
 PROMOTED_FILE = "promoted.json"  # a fine-tuned model promoted over the configured one (catalog/model_versions.py)
+# identity -> machine kind -> the precision "auto" means there (catalog/precision_choice.py keeps the figures).
+PRECISION_FILE = "precision.json"
+CALIBRATION_IMAGES = 32  # catalog images an int8 graph is calibrated on, spread over the catalog
 
-# The configured model and, during a switch, the one search still serves.
-_embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=2)
+# The configured model and, during a switch, the one search still serves; and a precision being compared.
+_embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=3)
 
 
 def configured() -> list[str]:
@@ -59,21 +67,74 @@ def write_promoted(spec: dict | None) -> None:
     atomic_write(path, lambda f: f.write(json.dumps({**spec, "configured": configured()}).encode()))
 
 
-def get_embedder(spec: dict | None = None):
+def get_embedder(spec: dict | None = None, *, precision: str | None = None):
     """The classifier-embedder for `spec` (default: the configured one), loaded once per process.
 
-    Loading happens on first use, so a prefork worker loads it in each child, never in the parent;
-    a checkpoint file rewritten in place is loaded again.
+    ``precision`` defaults to the settings'; "auto" is what the catalog's evaluation chose for the model's
+    identity on this machine kind (``chosen_precisions``), else fp32 on the CPU. Loading happens on first use,
+    so a prefork worker loads it in each child, never in the parent; a checkpoint file rewritten in place, or
+    a new precision choice, is loaded again.
     """
-    # Imported on first use: PyTorch costs seconds to import, and the web app may never embed.
-    from ml.embedder import load_embedder
+    from ml.embedder import load_embedder  # its engines import what they need, on first use
 
     spec = spec or embedder_spec()
-    key = (spec["backbone"], spec["weights"], settings.EMBED_PRECISION, settings.EMBED_FALLBACK)
-    stamp = file_stamp(spec["weights"]) if spec["weights"] not in ("imagenet", "random") else None
+    precision = precision or settings.EMBED_PRECISION
+    key = (spec["backbone"], spec["weights"], precision, settings.EMBED_FALLBACK)
+    stamp = (file_stamp(spec["weights"]) if spec["weights"] not in ("imagenet", "random") else None,
+             file_stamp(Path(settings.INDEX_DIR) / PRECISION_FILE) if precision == "auto" else None)
+    kind = machine_kind()
     return _embedders.get(key, lambda: load_embedder(
-        spec["backbone"], spec["weights"], precision=settings.EMBED_PRECISION, fallback=settings.EMBED_FALLBACK,
+        spec["backbone"], spec["weights"], precision=precision, fallback=settings.EMBED_FALLBACK,
+        chosen_precision=lambda identity: chosen_precisions().get(identity, {}).get(kind),
+        calibration=calibration_images,
     ), stamp=stamp)
+
+
+_batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> its DynamicBatcher
+_batchers_lock = threading.Lock()
+
+
+def embed_query(model, images, *, maps: bool = False):
+    """Query images embedded by ``model``, in one forward pass with the concurrent queries of this process that
+    arrive within settings.QUERY_BATCH_WAIT_MS (0: each on its own), at most QUERY_BATCH_IMAGES images."""
+    if settings.QUERY_BATCH_WAIT_MS <= 0:
+        return model.embed(images, maps=maps)
+    from ml.batcher import DynamicBatcher
+
+    with _batchers_lock:
+        batcher = _batchers.get(model)
+        if batcher is None:
+            batcher = _batchers[model] = DynamicBatcher(model.embed, max_images=settings.QUERY_BATCH_IMAGES,
+                                                        wait_s=settings.QUERY_BATCH_WAIT_MS / 1000)
+    return batcher.embed(images, maps=maps)
+
+
+def chosen_precisions() -> dict:
+    try:
+        return json.loads((Path(settings.INDEX_DIR) / PRECISION_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def write_chosen_precision(identity: str, kind: str, precision: str) -> None:
+    choices = chosen_precisions()
+    choices.setdefault(identity, {})[kind] = precision
+    path = Path(settings.INDEX_DIR) / PRECISION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(choices).encode()))
+
+
+def calibration_images():
+    """Images spread over the catalog, decoded: what an int8 graph is calibrated on when it is first made."""
+    ids = list(ProductImage.objects.exclude(status=Status.FAILED).order_by("id").values_list("id", flat=True))
+    chosen = ids[:: max(1, len(ids) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    for name in ProductImage.objects.filter(id__in=chosen).order_by("id").values_list("file", flat=True):
+        try:
+            with default_storage.open(name, "rb") as f:
+                yield decode_image(f.read(), allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
+                                   max_pixels=settings.IMAGE_MAX_PIXELS)[0]
+        except (OSError, ImageDecodeError):
+            continue
 
 
 def served_model(model) -> dict:

@@ -6,6 +6,11 @@
 ``embed`` writes the vectors (.npy, float32 [n, dim]) and, beside them, the path of each row
 (``vectors.paths.txt``), and prints one JSON summary as its last stdout line.
 Errors a user can fix exit with status 2 and a message, never a traceback.
+
+Without ResNet-50's ImageNet weights on the machine, EfficientNet-Lite0 embeds instead, with a warning,
+as in the service (``--no-fallback`` fails instead). ``--precision int8`` calibrates the int8 graph on
+images spread over those given the first time; later runs load it from the cache, as fp32's graph is, with
+no PyTorch model built and no PyTorch imported.
 """
 
 from __future__ import annotations
@@ -20,13 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ml.backbones import BACKBONES
 from ml.bulk import embed_sources
-from ml.embedder import Embedder, load_embedder
+from ml.embedder import CALIBRATION_IMAGES, Embedder, load_embedder
 from ml.images import DEFAULT_ALLOWED_FORMATS, ImageDecodeError, decode_image
 from ml.precision import PRECISIONS
 from ml.preprocessing import PREPROCESS_MODES
-from ml.weights import WeightsError
+from ml.weights import BACKBONES, WeightsError
 
 EXIT_USAGE = 2
 PROGRESS_INTERVAL_S = 2.0
@@ -75,9 +79,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="auto")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument(
-        "--fallback",
-        action="store_true",
-        help="use efficientnet_lite0 when the resnet50 ImageNet weights are unavailable",
+        "--no-fallback",
+        dest="fallback",
+        action="store_false",
+        help="fail when the resnet50 ImageNet weights are unavailable, instead of using efficientnet_lite0 "
+        "with a warning (as the service does)",
     )
 
 
@@ -88,7 +94,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load(args: argparse.Namespace) -> Embedder:
+def _load(args: argparse.Namespace, files: list[Path] | None = None) -> Embedder:
     return load_embedder(
         args.backbone,
         args.weights,
@@ -96,7 +102,18 @@ def _load(args: argparse.Namespace) -> Embedder:
         precision=args.precision,
         fallback=args.fallback,
         preprocess=args.preprocess,
+        calibration=(lambda: _calibration_images(files)) if files else None,
     )
+
+
+def _calibration_images(files: list[Path]):
+    """What int8 is calibrated on when its graph is not cached yet: images spread over the ones to embed."""
+    step = max(1, len(files) // CALIBRATION_IMAGES)
+    for path in files[::step]:
+        try:
+            yield decode_image(path.read_bytes())[0]
+        except (ImageDecodeError, OSError):
+            continue
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -104,7 +121,7 @@ def _embed(args: argparse.Namespace) -> int:
     if args.out.suffix != ".npy":
         raise UsageError(f"--out must name a .npy file, got {args.out}")
     paths_file = args.out.with_suffix(".paths.txt")
-    embedder = _load(args)
+    embedder = _load(args, files)
     progress = _Progress(total=len(files))
     result = embed_sources(
         embedder,
@@ -134,6 +151,7 @@ def _embed(args: argparse.Namespace) -> int:
         "identity": embedder.identity.key,
         "weights_sha256": embedder.identity.weights_sha256,
         "precision": embedder.precision,
+        "engine": embedder.engine,
         "preprocess": embedder.preprocess_mode,
         "device": str(embedder.device),
         "batch": args.batch or embedder.batch_size,
@@ -221,7 +239,7 @@ def _classify(args: argparse.Namespace) -> int:
         image, _ = decode_image(data)
     except ImageDecodeError as e:
         raise UsageError(f"{args.file}: {e}") from e
-    embedder = _load(args)
+    embedder = _load(args, [args.file])
     for label, probability in embedder.embed([image]).labels[0]:
         print(f"{probability:.3f}  {label}")
     return 0

@@ -9,12 +9,12 @@ import timm
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models import resnet50
+from torchvision.models import ResNet50_Weights, resnet50
 
 from ml.preprocessing import EvalPreset, resample_named
-from ml.weights import RESNET50_WEIGHTS, load_state_dict, read_checkpoint, state_dict_sha256, weights_sha256
+from ml.weights import load_state_dict, read_checkpoint, state_dict_sha256, weights_sha256
 
-BACKBONES = ("resnet50", "efficientnet_lite0")
+RESNET50_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
 
 
 @cache

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
-import torch
 
 from ml.embedder import Embedder, EmbedResult, ModelIdentity, concatenate
 from ml.images import decode_image
@@ -51,7 +50,7 @@ def embed_sources(
     batch_size = batch_size or embedder.batch_size
     workers = workers or max(1, min(4, available_cpus()))
 
-    def prepare(source: Source) -> torch.Tensor:
+    def prepare(source: Source) -> np.ndarray:
         image, _ = decode_image(read(source), min_side=embedder.min_side)
         return embedder.preprocess(image)
 
@@ -59,11 +58,11 @@ def embed_sources(
     done_sources: list[Source] = []
     failures: list[tuple[Source, str]] = []
     results: list[EmbedResult] = []
-    batch: list[torch.Tensor] = []
+    batch: list[np.ndarray] = []
     batch_sources: list[Source] = []
 
     def flush() -> None:
-        results.append(embedder.embed_tensor(torch.stack(batch)))
+        results.append(embedder.embed_pixels(np.stack(batch)))
         done_sources.extend(batch_sources)
         batch.clear()
         batch_sources.clear()
@@ -86,11 +85,11 @@ def embed_sources(
             source, future = pending.popleft()
             submit_next()
             try:
-                tensor = future.result()
+                pixels = future.result()
             except Exception as e:  # one bad file must not stop the other thousands
                 failures.append((source, _failure_reason(e)))
                 continue
-            batch.append(tensor)
+            batch.append(pixels)
             batch_sources.append(source)
             if len(batch) == batch_size:
                 flush()

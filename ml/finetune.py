@@ -57,9 +57,9 @@ class FinetuneConfig:
     interpolation: float = 0.5
 
 
-def default_config(backbone: str, device: torch.device, epochs: int | None = None) -> FinetuneConfig:
+def default_config(backbone: str, device: str | torch.device, epochs: int | None = None) -> FinetuneConfig:
     """The recipe's settings for a device: fewer epochs and more frozen stages on a CPU (docs/finetuning.md)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         config = FinetuneConfig(epochs=12, products_per_batch=64, frozen_stages=2 if backbone == "resnet50" else 2)
     else:
         config = FinetuneConfig(epochs=6, products_per_batch=16, frozen_stages=2 if backbone == "resnet50" else 4)

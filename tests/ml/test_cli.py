@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -81,12 +82,26 @@ def test_unavailable_resnet_weights_exit_2_saying_where_to_put_them(chelsea_jpeg
     monkeypatch.setattr(weights, "RESNET50_URL", "http://10.255.255.1/models/resnet50-11ad3fa6.pth")
     monkeypatch.setattr(weights, "DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
 
-    code = main(["classify", str(chelsea_jpeg)])
+    code = main(["classify", str(chelsea_jpeg), "--no-fallback"])
 
     assert code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in err
     assert "Traceback" not in err
+
+
+def test_unavailable_resnet_weights_fall_back_to_efficientnet_with_a_warning(chelsea_jpeg, tmp_path, monkeypatch,
+                                                                          capsys, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(weights, "RESNET50_URL", "http://10.255.255.1/models/resnet50-11ad3fa6.pth")
+    monkeypatch.setattr(weights, "DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
+
+    with caplog.at_level(logging.WARNING):
+        code = main(["classify", str(chelsea_jpeg)])
+
+    assert code == 0
+    assert "efficientnet_lite0 backbone instead of resnet50" in caplog.text
+    assert "cat" in capsys.readouterr().out.lower()
 
 
 def test_missing_weights_file_exits_2(chelsea_jpeg, tmp_path, capsys):
@@ -112,3 +127,28 @@ def test_embed_a_path_that_does_not_exist_exits_2(tmp_path, capsys):
 
     assert code == 2
     assert "neither a file nor a folder" in capsys.readouterr().err
+
+
+def test_embed_in_int8_calibrates_on_the_images_given_then_reuses_the_graph(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for number, name in enumerate(("coffee", "chelsea", "astronaut", "rocket")):
+        Image.fromarray(getattr(data, name)()).resize((160, 120)).save(folder / f"{number}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCH_HOME": str(tmp_path / "torch")}
+
+    def embed(precision: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "ml", "embed", str(folder), "--out", str(tmp_path / f"{precision}.npy"),
+                               "--backbone", "efficientnet_lite0", "--precision", precision],
+                              capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    fp32, int8 = embed("fp32"), embed("int8")
+    graphs = sorted(path.name.rsplit(".", 2)[-2] for path in (tmp_path / "torch" / "visualsearch-onnx").glob("*.onnx"))
+    full, reduced = np.load(tmp_path / "fp32.npy"), np.load(tmp_path / "int8.npy")
+    again = embed("int8")
+
+    assert (fp32["engine"], int8["engine"], int8["precision"]) == ("onnxruntime", "onnxruntime", "int8")
+    assert graphs == ["fp32", "int8"] and again["identity"] == int8["identity"] == fp32["identity"]
+    assert np.mean(np.sum(full * reduced, axis=1)) > 0.85
+    np.testing.assert_array_equal(np.load(tmp_path / "int8.npy"), reduced)  # the same graph, not a new calibration

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ml import onnx_engine, weights
-from ml.backbones import fold_batch_norms, imagenet_categories
+from ml import weights
+from ml.backbones import RESNET50_WEIGHTS, fold_batch_norms, imagenet_categories
 from ml.embedder import EmbedResult, ModelIdentity, load_embedder
 from ml.evaluation import AGREEMENT_BAR, neighbour_overlap
 from ml.precision import resolve_precision
 from ml.weights import (
-    RESNET50_WEIGHTS,
+    RESNET50_URL,
     WeightsError,
     WeightsUnavailableError,
     efficientnet_pytorch_to_timm,
@@ -198,8 +200,8 @@ def test_center_crop_preprocessing_is_the_weights_own(resnet_random, effnet_cent
         pixels = embedder.preprocess(image)
 
         assert embedder.preprocess_mode == "center_crop"
-        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
-        assert (pixels.float() - expected).abs().max() < 0.01
+        assert pixels.dtype == np.uint8 and pixels.shape == (3, 224, 224)
+        assert (torch.from_numpy(pixels).float() - expected).abs().max() < 0.01
         assert embedder.min_side == resize_size
 
 
@@ -230,8 +232,9 @@ def test_folded_batch_norms_compute_the_same_function(backbone, images):
     assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
-def test_the_embedder_runs_the_folded_model(resnet_random):
-    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in resnet_random._model.modules())
+def test_the_embedder_runs_the_folded_model():
+    in_torch = load_embedder("efficientnet_lite0", "random", engine="torch")
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in in_torch._model.modules())
 
 
 def test_pad_keeps_the_whole_product_on_white(effnet_random, effnet_centre_crop):
@@ -249,12 +252,18 @@ def test_pad_keeps_the_whole_product_on_white(effnet_random, effnet_centre_crop)
     assert cropped[2, 112, 5] < 100  # centre crop lost it
 
 
-def test_auto_precision_is_fp32_on_the_cpu_and_fp16_on_cuda(effnet_imagenet):
-    """What "auto" must mean on each device: fp32 on a CPU (bf16 misses the agreement bar), fp16 on CUDA."""
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert resolve_precision("auto", torch.device("cuda:1")) == "fp16"
-    assert (effnet_imagenet.device.type, effnet_imagenet.precision) == ("cpu", "fp32")
+def test_auto_precision_is_fp32_on_the_cpu_unless_the_catalog_chose_int8_and_fp16_on_cuda(effnet_imagenet):
+    """What "auto" must mean: fp32 on a CPU without a choice of the catalog's evaluation, fp16 on CUDA."""
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu", chosen="int8") == "int8"
+    assert resolve_precision("auto", "cpu", chosen="bf16") == "fp32"  # only ONNX Runtime's are chosen
+    assert resolve_precision("auto", "cuda") == "fp16"
+    assert resolve_precision("auto", "cuda", chosen="int8") == "fp16"
+    assert (effnet_imagenet.device, effnet_imagenet.precision) == ("cpu", "fp32")
+
+
+def test_the_resnet50_weights_named_without_torchvision_are_torchvisions():
+    assert RESNET50_WEIGHTS.url == RESNET50_URL
 
 
 def test_fp16_which_auto_picks_on_cuda_keeps_the_top10_neighbours_of_fp32(effnet_imagenet_fp32):
@@ -317,7 +326,7 @@ def test_unknown_choices_are_refused_with_the_options():
     with pytest.raises(ValueError, match="choose one of: resnet50, efficientnet_lite0"):
         load_embedder("vgg16", "random")
     with pytest.raises(ValueError, match="precision"):
-        load_embedder("efficientnet_lite0", "random", precision="int8")
+        load_embedder("efficientnet_lite0", "random", precision="int4")
     with pytest.raises(ValueError, match="engine"):
         load_embedder("efficientnet_lite0", "random", engine="tensorrt")
 
@@ -333,27 +342,62 @@ def test_fp32_on_the_cpu_runs_in_onnx_runtime_with_pytorchs_vectors_and_labels(e
     assert fast.identity == reference.identity
 
 
-def test_the_exported_graph_is_reused_by_later_loads(tmp_path, monkeypatch, images):
+FAST_START = """
+import sys, numpy as np
+from PIL import Image
+from ml.embedder import load_embedder
+embedder = load_embedder("efficientnet_lite0", "random", precision=sys.argv[1])
+vectors = embedder.embed([Image.open(path).convert("RGB") for path in sys.argv[2:]]).vectors
+np.save(sys.stdout.buffer, vectors)
+print("torch imported" if "torch" in sys.modules else "no torch", embedder.engine, file=sys.stderr)
+"""
+
+
+def test_a_cached_graph_loads_without_pytorch_and_gives_the_same_vectors(tmp_path, monkeypatch, images):
+    import io
+    import subprocess
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     first = load_embedder("efficientnet_lite0", "random")
-    assert [path.name for path in onnx_engine.onnx_cache_dir().iterdir()] == [
-        f"efficientnet_lite0-{first.identity.weights_sha256[:16]}-maps-torch{torch.__version__}.onnx"
-    ]
+    files = []
+    for number, image in enumerate(images):
+        image.save(tmp_path / f"{number}.png")
+        files.append(str(tmp_path / f"{number}.png"))
+    expected = first.embed([Image.open(path).convert("RGB") for path in files]).vectors
 
-    def no_export(*args):
-        raise AssertionError("exported again")
+    later = subprocess.run([sys.executable, "-c", FAST_START, "fp32", *files], capture_output=True,
+                           env={**os.environ, "TORCH_HOME": str(tmp_path)}, cwd=Path(__file__).parents[2])
 
-    monkeypatch.setattr(onnx_engine, "_export_onnx", no_export)
-    second = load_embedder("efficientnet_lite0", "random")
+    assert later.returncode == 0, later.stderr.decode()
+    assert "no torch onnxruntime" in later.stderr.decode()
+    np.testing.assert_array_equal(np.load(io.BytesIO(later.stdout)), expected)
 
-    assert second.engine == "onnxruntime"
-    np.testing.assert_array_equal(second.embed(images).vectors, first.embed(images).vectors)
+
+def test_int8_is_calibrated_on_the_images_given_then_loads_from_the_cache(tmp_path, monkeypatch, images):
+    from ml.embedder import PrecisionUnavailableError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PrecisionUnavailableError, match="no catalog images were given to calibrate"):
+        load_embedder("efficientnet_lite0", precision="int8")
+    fp32 = load_embedder("efficientnet_lite0", precision="fp32")
+    calibration = crops(16)
+
+    int8 = load_embedder("efficientnet_lite0", precision="int8", calibration=lambda: iter(calibration))
+    again = load_embedder("efficientnet_lite0", precision="int8")  # no calibration: the cached graph
+    chosen = load_embedder("efficientnet_lite0", chosen_precision=lambda identity: "int8")  # auto
+
+    assert (int8.precision, int8.engine, again.precision, chosen.precision) == ("int8", "onnxruntime", "int8", "int8")
+    assert int8.identity == fp32.identity
+    reduced, full = int8.embed(images), fp32.embed(images)
+    assert np.mean(np.sum(reduced.vectors * full.vectors, axis=1)) > 0.85  # close, not equal: the evaluation judges
+    np.testing.assert_array_equal(again.embed(images).vectors, reduced.vectors)
+    assert load_embedder("efficientnet_lite0", chosen_precision=lambda identity: None).precision == "fp32"
 
 
 def test_without_onnx_runtime_fp32_runs_in_pytorch_with_a_warning(monkeypatch, caplog, images):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
 
-    with caplog.at_level(logging.WARNING, logger="ml.onnx_engine"):
+    with caplog.at_level(logging.WARNING, logger="ml.embedder"):
         embedder = load_embedder("efficientnet_lite0", "random")
 
     assert embedder.engine == "torch"

@@ -5,6 +5,7 @@ from django.urls import reverse
 
 from catalog.evaluation import evaluation_run
 from catalog.model_versions import serving_version
+from catalog.precision_choice import precision_choose
 
 
 class Command(BaseCommand):
@@ -32,3 +33,6 @@ class Command(BaseCommand):
                "; category figures need at least two categories with held-out products")
         ))
         self.stdout.write(f"report: {reverse('admin:catalog_modelversion_report', args=[version.pk])}")
+        decision = precision_choose(version_id=version.pk)
+        if decision is not None:
+            self.stdout.write(f"precision on this machine kind: {decision['chosen']} ({decision['reason']})")

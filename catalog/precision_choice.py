@@ -1,0 +1,130 @@
+"""Which precision "auto" embeds with, for one model on one machine kind: the catalog's own evaluation decides.
+
+fp32 and int8 (ONNX Runtime, calibrated on the catalog's images) each embed the same sample of the catalog and
+the same shopper-like queries of the evaluation (catalog/evaluation.py). int8 is chosen only when it is faster
+here and, both on its own and as queries against the fp32 vectors already in the index (what serving looks
+like right after the switch), its search recall@1 and category top-1 are within half a point of fp32's. The
+decision, with its figures, is stored on the model's row per machine kind (``ModelVersion.precision``, shown
+in GET /api/models/{id}/) and in INDEX_DIR/precision.json, which every process's ``get_embedder`` reads.
+Without such an evaluation "auto" stays fp32 (docs/decisions.md).
+"""
+import logging
+from dataclasses import replace
+
+import numpy as np
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.utils import timezone
+
+from catalog.evaluation import CatalogImages, catalog_images, category_figures, query_vectors
+from catalog.models import ModelVersion
+from catalog.serving import get_embedder, write_chosen_precision
+from ml.augment import cluttered_backgrounds
+from ml.bulk import embed_sources
+from ml.catalog_eval import CatalogVectors, query_plan, rank_products, search_metrics
+from ml.embedder import PrecisionUnavailableError
+from ml.precision import machine_kind
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE = 0.005  # half a point of recall@1 or top-1
+SAMPLE_PRODUCTS = 3000  # products whose images both precisions embed: enough for the figures, bounded in time
+CANDIDATES = ("int8",)
+
+
+def precision_choose(*, version_id: int) -> dict | None:
+    """Compare fp32 with the reduced precisions for one model on this machine kind, store and return the decision.
+
+    None where there is nothing to choose: a precision set in the settings, or a GPU (where "auto" is fp16)."""
+    version = ModelVersion.objects.get(pk=version_id)
+    spec = {"backbone": version.backbone, "weights": version.weights}
+    if settings.EMBED_PRECISION != "auto" or not get_embedder(spec, precision="fp32").device.startswith("cpu"):
+        return None
+    kind = machine_kind()
+    _progress(version, "comparing precisions")
+    try:
+        decision = compare(version)
+    except PrecisionUnavailableError as exc:
+        decision = {"chosen": "fp32", "reason": f"int8 cannot run here: {exc}", "figures": {}}
+    decision["measured_at"] = timezone.now().isoformat(timespec="seconds")
+    version.refresh_from_db()
+    ModelVersion.objects.filter(pk=version.pk).update(precision={**version.precision, kind: decision},
+                                                      progress={"stage": "evaluated"})
+    write_chosen_precision(version.identity, kind, decision["chosen"])
+    logger.info("model %s on %s: %s (%s)", version.pk, kind, decision["chosen"], decision["reason"])
+    return decision
+
+
+def compare(version: ModelVersion) -> dict:
+    catalog = _sample(catalog_images())
+    plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())))
+    backgrounds = cluttered_backgrounds()
+    spec = {"backbone": version.backbone, "weights": version.weights}
+    vectors, queries, speed = {}, {}, {}
+    for precision in ("fp32", *CANDIDATES):
+        model = get_embedder(spec, precision=precision)
+        bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: _read(catalog.files[pk]))
+        ids = np.array(bulk.sources, dtype=np.int64)
+        product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
+        vectors[precision] = CatalogVectors(ids, np.array([product_of[i] for i in ids.tolist()], np.int64),
+                                            bulk.vectors)
+        speed[precision] = round(bulk.images_per_s, 2)
+        queries[precision] = query_vectors(model, plan, catalog, backgrounds)
+    figures = {name: _figures(catalog, plan, vectors[name], queries[name], version.identity)
+               for name in ("fp32", *CANDIDATES)}
+    for name in CANDIDATES:
+        # Right after a switch the index still holds fp32 vectors: queries of ``name`` must find them too.
+        figures[f"{name}_queries_fp32_catalog"] = _figures(catalog, plan, vectors["fp32"], queries[name],
+                                                           version.identity, test_vectors=_aligned(vectors, name))
+    chosen, reason = choose(figures, speed)
+    return {"chosen": chosen, "reason": reason, "figures": figures, "images_per_s": speed,
+            "images": len(catalog.image_ids), "queries": len(plan), "tolerance": TOLERANCE}
+
+
+def choose(figures: dict, speed: dict) -> tuple[str, str]:
+    """The fastest candidate within ``TOLERANCE`` of fp32 on every figure measured, else fp32, and why."""
+    base = figures["fp32"]
+    for name in sorted(CANDIDATES, key=lambda n: -speed.get(n, 0)):
+        if speed.get(name, 0) <= speed["fp32"]:
+            return "fp32", f"{name} was not faster than fp32 here ({speed.get(name)} vs {speed['fp32']} images/s)"
+        misses = [f"{figure} {label}: {value:.3f} vs fp32 {base[figure]:.3f}"
+                  for label in (name, f"{name}_queries_fp32_catalog")
+                  for figure, value in figures[label].items()
+                  if value is not None and base[figure] is not None and value < base[figure] - TOLERANCE]
+        if not misses:
+            return name, (f"{name} is {speed[name] / speed['fp32']:.2f}x fp32's speed and within "
+                          f"{TOLERANCE * 100:.1f} points of its recall@1 and top-1")
+        return "fp32", f"{name} loses more than {TOLERANCE * 100:.1f} points: " + "; ".join(misses)
+    return "fp32", "no reduced precision to compare"
+
+
+def _figures(catalog: CatalogImages, plan, vectors: CatalogVectors, queries: np.ndarray, identity: str,
+             test_vectors: np.ndarray | None = None) -> dict:
+    search = search_metrics(rank_products(vectors, plan, queries), plan, catalog.category_of)
+    categories = category_figures(vectors, catalog, identity, test_vectors=test_vectors)
+    return {"recall_at_1": search["recall_at_1"], "top1": categories["top1"] if categories else None}
+
+
+def _aligned(vectors: dict, name: str) -> np.ndarray:
+    """``name``'s vectors in the rows of fp32's (the same images; a file that failed in one is left out of both)."""
+    row_of = {pk: row for row, pk in enumerate(vectors[name].image_ids.tolist())}
+    return np.stack([vectors[name].vectors[row_of[pk]] for pk in vectors["fp32"].image_ids.tolist()])
+
+
+def _sample(catalog: CatalogImages) -> CatalogImages:
+    products = np.unique(catalog.product_ids)
+    if len(products) <= SAMPLE_PRODUCTS:
+        return catalog
+    chosen = np.random.default_rng(0).choice(products, SAMPLE_PRODUCTS, replace=False)
+    keep = np.isin(catalog.product_ids, chosen)
+    return replace(catalog, image_ids=catalog.image_ids[keep], product_ids=catalog.product_ids[keep])
+
+
+def _read(name: str) -> bytes:
+    with default_storage.open(name, "rb") as f:
+        return f.read()
+
+
+def _progress(version: ModelVersion, stage: str) -> None:
+    ModelVersion.objects.filter(pk=version.pk).update(progress={"stage": stage})
+
