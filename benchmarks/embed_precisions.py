@@ -146,6 +146,7 @@ def main() -> None:
         for precision in PRECISIONS:  # exports the graph; int8 calibrates on the photos
             cold[precision] = timed(ml_embed(photos, precision), env, REPO)[0]
         timed(ml_embed(one, "fp32"), env, before)  # the older code's own graph, cached
+        (work / "data").mkdir()
         subprocess.run([python, "manage.py", "migrate", "-v0"], env=worker_env, cwd=REPO, check=True)
         timed([python, "-c", WORKER, str(one / "first.jpg")], worker_env, before)
 

@@ -13,7 +13,7 @@ job's outcome. The exit status is 1 if any search failed or any ingest row did n
 
 --batching compare (the default) runs the searching twice against the same catalog, the server started
 first without query batching (VISUALSEARCH_QUERY_BATCH_WAIT_MS=0: one forward pass per request) and then
-with it (the settings' default wait), and prints both side by side; the ingest job runs in the first phase
+with it (--batch-wait-ms), and prints both side by side; the ingest job runs in the first phase
 only, so use --ingest 0 for a comparison of searching alone.
 
 It creates the database named by --database (default `visualsearch_load` on 127.0.0.1:5432; dropped
@@ -128,6 +128,7 @@ def main() -> int:
                         help=f"the server's VISUALSEARCH_SEARCH_RATE (default {SEARCH_RATE})")
     parser.add_argument("--batching", choices=("compare", "on", "off"), default="compare",
                         help="embed concurrent searches together (on), one by one (off), or both in turn (compare)")
+    parser.add_argument("--batch-wait-ms", type=int, default=3, help="the batch's gathering time when on (default 3)")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432/visualsearch_load")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
@@ -179,7 +180,7 @@ def main() -> int:
     outcomes = {}
     try:
         for number, phase in enumerate(phases):
-            phase_env = {**env, **({"VISUALSEARCH_QUERY_BATCH_WAIT_MS": "0"} if phase == "off" else {})}
+            phase_env = {**env, "VISUALSEARCH_QUERY_BATCH_WAIT_MS": "0" if phase == "off" else str(args.batch_wait_ms)}
             print(f"\n--- query batching {phase} ---", flush=True)
             with gunicorn(phase_env, args.port, workers=args.server_workers, threads=args.server_threads,
                           log=open(data_dir / f"web-{phase}.log", "w")) as base:

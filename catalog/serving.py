@@ -29,6 +29,7 @@ PROMOTED_FILE = "promoted.json"  # a fine-tuned model promoted over the configur
 # identity -> machine kind -> the precision "auto" means there (catalog/precision_choice.py keeps the figures).
 PRECISION_FILE = "precision.json"
 CALIBRATION_IMAGES = 32  # catalog images an int8 graph is calibrated on, spread over the catalog
+AUTO_BATCH_WAIT_MS = 3  # how long a batch of queries gathers on CUDA when the settings leave it to "auto"
 
 # The configured model and, during a switch, the one search still serves; and a precision being compared.
 _embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=3)
@@ -96,17 +97,21 @@ _batchers_lock = threading.Lock()
 
 def embed_query(model, images, *, maps: bool = False):
     """Query images embedded by ``model``, in one forward pass with the concurrent queries of this process that
-    arrive within settings.QUERY_BATCH_WAIT_MS (0: each on its own), at most QUERY_BATCH_IMAGES images."""
-    if settings.QUERY_BATCH_WAIT_MS <= 0:
+    arrive within settings.QUERY_BATCH_WAIT_MS, at most QUERY_BATCH_IMAGES images. None ("auto"): batched on
+    CUDA, each on its own on the CPU, where batching measured no faster (docs/decisions.md); 0: never."""
+    wait_ms = settings.QUERY_BATCH_WAIT_MS
+    if wait_ms is None:
+        wait_ms = AUTO_BATCH_WAIT_MS if model.device.startswith("cuda") else 0
+    if wait_ms <= 0:
         return model.embed(images, maps=maps)
     from ml.batcher import DynamicBatcher
 
     with _batchers_lock:
         batcher = _batchers.get(model)
         if batcher is None:
-            batcher = _batchers[model] = DynamicBatcher(model.embed, max_images=settings.QUERY_BATCH_IMAGES,
-                                                        wait_s=settings.QUERY_BATCH_WAIT_MS / 1000)
-    return batcher.embed(images, maps=maps)
+            batcher = _batchers[model] = DynamicBatcher(model.embed_pixels, max_images=settings.QUERY_BATCH_IMAGES,
+                                                        wait_s=wait_ms / 1000)
+    return batcher.embed([model.preprocess(image) for image in images], maps=maps)
 
 
 def chosen_precisions() -> dict:

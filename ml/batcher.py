@@ -1,7 +1,8 @@
 """Dynamic batching of concurrent queries, as inference servers do it: one forward pass for the images of many
 requests that arrive within a few milliseconds of each other, instead of one pass per request thread.
 
-No thread of its own: the first caller to find no batch forming leads one. It waits for the model to be free,
+Callers preprocess their images themselves, in parallel; only the forward pass is shared. No thread of its
+own: the first caller to find no batch forming leads one. It waits for the model to be free,
 then up to ``wait_s`` more (or until ``max_images`` are waiting), takes everything waiting, runs it, and
 hands each caller its rows. Callers that arrive while a batch runs form the next one, so under load the
 batches grow by themselves and when idle a lone query waits at most ``wait_s``.
@@ -14,14 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
 
 from ml.embedder import EmbedResult
 
 
 @dataclass
 class _Request:
-    images: Sequence[Image.Image]
+    images: Sequence[np.ndarray]  # each image's model input pixels, from Embedder.preprocess
     maps: bool
     done: bool = False  # read and written under the batcher's lock
     result: EmbedResult | None = None
@@ -29,8 +30,8 @@ class _Request:
 
 
 class DynamicBatcher:
-    def __init__(self, embed: Callable[..., EmbedResult], *, max_images: int = 16, wait_s: float = 0.003):
-        self._embed = embed  # embed(images, maps=...) -> EmbedResult, e.g. Embedder.embed
+    def __init__(self, embed_pixels: Callable[..., EmbedResult], *, max_images: int = 8, wait_s: float = 0.003):
+        self._embed = embed_pixels  # embed_pixels(uint8 [n, 3, H, W], maps=...) -> EmbedResult: Embedder.embed_pixels
         self.max_images = max_images
         self.wait_s = wait_s
         self._lock = threading.Condition()
@@ -40,8 +41,9 @@ class DynamicBatcher:
         self.batches = 0  # forward passes run, and the images in them: what batching saved
         self.images = 0
 
-    def embed(self, images: Sequence[Image.Image], *, maps: bool = False) -> EmbedResult:
-        request = _Request(list(images), maps)
+    def embed(self, pixels: Sequence[np.ndarray], *, maps: bool = False) -> EmbedResult:
+        """Embed images already preprocessed by the caller (in its own thread, while the model runs others')."""
+        request = _Request(list(pixels), maps)
         with self._lock:
             self._waiting.append(request)
             self._lock.notify_all()
@@ -80,7 +82,7 @@ class DynamicBatcher:
     def _run(self, batch: list[_Request]) -> None:
         images = [image for request in batch for image in request.images]
         try:
-            result = self._embed(images, maps=any(request.maps for request in batch))
+            result = self._embed(np.stack(images), maps=any(request.maps for request in batch))
         except Exception as e:  # each caller gets the error, none is left waiting
             for request in batch:
                 request.error, request.done = e, True

@@ -293,10 +293,12 @@ if EMBEDDED_WORKER:  # one folder both ways: the web app and the worker put and 
 # Images left pending or processing this long are queued again (a lost message, a broker outage).
 STALE_IMAGE_SECONDS = env_int("VISUALSEARCH_STALE_IMAGE_SECONDS", 120)
 EMBED_BATCH_SIZE = env_int("VISUALSEARCH_EMBED_BATCH", 32)
-# Concurrent searches in one web process are embedded together: a batch gathers for this long (0: no batching)
-# and holds at most this many images (benchmarks/load_test.py measures both ways).
-QUERY_BATCH_WAIT_MS = env_int("VISUALSEARCH_QUERY_BATCH_WAIT_MS", 3)
-QUERY_BATCH_IMAGES = env_int("VISUALSEARCH_QUERY_BATCH_IMAGES", 16)
+# Concurrent searches in one web process embedded together: a batch gathers for this long and holds at most
+# this many images. "auto" (None): batched on CUDA, not on the CPU, where it measured no faster
+# (benchmarks/load_test.py measures both ways); 0: never.
+QUERY_BATCH_WAIT_MS = None if env_str("VISUALSEARCH_QUERY_BATCH_WAIT_MS", "auto") == "auto" else \
+    env_int("VISUALSEARCH_QUERY_BATCH_WAIT_MS", 0)
+QUERY_BATCH_IMAGES = env_int("VISUALSEARCH_QUERY_BATCH_IMAGES", 8)
 INDEX_EXACT_THRESHOLD = env_int("VISUALSEARCH_INDEX_EXACT_THRESHOLD", 50_000)
 # Images of two products at least this similar (cosine) are recorded as near-duplicates (catalog/duplicates.py).
 DUPLICATE_SCORE = float(env_str("VISUALSEARCH_DUPLICATE_SCORE", "0.78"))  # docs/decisions.md

@@ -339,3 +339,34 @@ def test_the_api_docs_are_served_by_the_service_itself(anon):
     page = anon.get("/api/docs/").content.decode()
     assert "cdn.jsdelivr.net" not in page and "unpkg.com" not in page and "@latest" not in page
     assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in page
+
+
+def test_concurrent_queries_batched_get_the_vectors_each_would_get_alone(settings):
+    import threading
+
+    import numpy as np
+
+    from catalog import serving
+    from tests.ml.photos import crops
+
+    settings.QUERY_BATCH_WAIT_MS = 20
+    model = serving.query_embedder()
+    photos = crops(8, seed=3)
+    alone = model.embed(photos, maps=True)
+    got = {}
+
+    def search_one(number: int) -> None:
+        got[number] = serving.embed_query(model, [photos[number]], maps=True)
+
+    threads = [threading.Thread(target=search_one, args=(n,)) for n in range(len(photos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    batcher = serving._batchers[model]
+    assert batcher.images == len(photos) and batcher.batches < len(photos)
+    for number in range(len(photos)):
+        np.testing.assert_allclose(got[number].vectors[0], alone.vectors[number], atol=1e-4)
+        assert got[number].labels[0][0][0] == alone.labels[number][0][0]
+        assert got[number].maps.shape == alone.maps[number : number + 1].shape

@@ -3,7 +3,6 @@ import threading
 import time
 
 import numpy as np
-from PIL import Image
 
 from ml.batcher import DynamicBatcher
 from ml.embedder import EmbedResult, ModelIdentity
@@ -17,18 +16,19 @@ class SlowModel:
     def __init__(self, seconds: float = 0.02, fail: bool = False):
         self.seconds, self.fail, self.batches = seconds, fail, []
 
-    def embed(self, images, *, maps=False):
-        self.batches.append(len(images))
+    def embed(self, pixels, *, maps=False):
+        self.batches.append(len(pixels))
         time.sleep(self.seconds)
         if self.fail:
             raise RuntimeError("the model failed")
-        values = np.array([[image.getpixel((0, 0))[0], 0] for image in images], np.float32)
+        values = np.array([[float(row[0, 0, 0]), 0] for row in pixels], np.float32)
         return EmbedResult(values, [[(str(v[0]), 1.0)] for v in values], IDENTITY,
-                           np.zeros((len(images), 2, 1, 1), np.float32) if maps else None)
+                           np.zeros((len(pixels), 2, 1, 1), np.float32) if maps else None)
 
 
-def image(value: int) -> Image.Image:
-    return Image.new("RGB", (4, 4), (value, 0, 0))
+def image(value: int) -> np.ndarray:
+    """An image's model input pixels, as Embedder.preprocess gives them."""
+    return np.full((3, 4, 4), value, np.uint8)
 
 
 def concurrently(batcher: DynamicBatcher, callers: int, per_caller: int = 1):
