@@ -203,14 +203,18 @@ def _load(backbone: str, weights, *, device, precision: str, preprocess: str, en
     device = _resolve_device(device)
     device_type = device.split(":")[0]
     mode = DEFAULT_PREPROCESS if preprocess == "auto" else preprocess
-    if device_type == "cpu" and precision in ("auto", *ONNX_PRECISIONS) and engine == "auto":
-        if onnx_engine.onnx_runtime_available():
-            embedder = _load_onnx(backbone, weights, precision=precision, mode=mode, chosen=chosen_precision,
-                                  calibration=calibration)
-            if embedder is not None:
-                return embedder
-        elif precision != "int8":
-            log.warning("onnxruntime is not installed: fp32 embedding runs in PyTorch, which is slower")
+    automatic = precision == "auto"
+    onnx = device_type == "cpu" and engine == "auto" and onnx_engine.onnx_runtime_available()
+    sha256 = None if weights == "random" or not (onnx or automatic) else weights_sha256(backbone, weights)[1]
+    if automatic and device_type == "cpu":
+        precision = resolve_precision("auto", "cpu", chosen=_chosen(backbone, sha256, chosen_precision))
+    if onnx and precision in ("auto", *ONNX_PRECISIONS):
+        embedder = _load_onnx(backbone, weights, sha256, precision=resolve_precision(precision, "cpu"), mode=mode,
+                              automatic=automatic, calibration=calibration)
+        if embedder is not None:
+            return embedder
+    elif device_type == "cpu" and engine == "auto" and precision in ("auto", "fp32"):
+        log.warning("onnxruntime is not installed: fp32 embedding runs in PyTorch, which is slower")
     precision = resolve_precision(precision, device_type)
     if precision == "int8":
         raise PrecisionUnavailableError(
@@ -218,19 +222,29 @@ def _load(backbone: str, weights, *, device, precision: str, preprocess: str, en
     return _load_torch(backbone, weights, device=device, precision=precision, mode=mode)
 
 
-def _load_onnx(backbone: str, weights, *, precision: str, mode: str, chosen, calibration) -> Embedder | None:
+def _chosen(backbone: str, sha256: str | None, chosen) -> str | None:
+    """What the catalog's evaluation chose for these weights' identity, known without building the model: the
+    weights file's hash, or for "random" weights the identity their cached graph records."""
+    if chosen is None:
+        return None
+    if sha256 is None:
+        graph = onnx_engine.cached_graph(onnx_engine.graph_stem(backbone, "random"))
+        if graph is None:
+            return None  # never exported here, so never evaluated here either
+        sha256 = graph.manifest["identity"]["weights_sha256"]
+    return chosen(ModelIdentity(backbone, sha256, 0).key)
+
+
+def _load_onnx(backbone: str, weights, sha256: str | None, *, precision: str, mode: str, automatic: bool,
+               calibration) -> Embedder | None:
     """The ONNX Runtime embedder, from the cached graph when there is one (no PyTorch), else exported first.
 
     None when fp32 cannot run in ONNX Runtime (PyTorch runs it instead, with a warning)."""
-    stem = onnx_engine.graph_stem(backbone, "random" if weights == "random" else weights_sha256(backbone, weights)[1])
+    stem = onnx_engine.graph_stem(backbone, sha256 or "random")
     graph = onnx_engine.cached_graph(stem)
-    automatic = precision == "auto"
     try:
         if graph is None:
             graph = _export(backbone, weights, stem)
-        identity = ModelIdentity(**graph.manifest["identity"])
-        if automatic:
-            precision = resolve_precision("auto", "cpu", chosen=chosen(identity.key) if chosen else None)
         if precision == "int8" and not graph.has("int8"):
             if calibration is None:
                 raise PrecisionUnavailableError(
@@ -242,7 +256,8 @@ def _load_onnx(backbone: str, weights, *, precision: str, mode: str, chosen, cal
     except Exception as e:  # export, quantisation or session failures of every kind
         if automatic and precision == "int8":
             log.warning("int8 was chosen for these weights but cannot run here (%s): embedding in fp32", e)
-            return _load_onnx(backbone, weights, precision="fp32", mode=mode, chosen=None, calibration=None)
+            return _load_onnx(backbone, weights, sha256, precision="fp32", mode=mode, automatic=False,
+                              calibration=None)
         if isinstance(e, PrecisionUnavailableError):
             raise
         if precision == "int8":
@@ -252,7 +267,7 @@ def _load_onnx(backbone: str, weights, *, precision: str, mode: str, chosen, cal
     preset = dataclasses.replace(graph.preset, mode=mode)
     return Embedder(
         run=_OnnxRun(session, preset),
-        identity=identity,
+        identity=ModelIdentity(**graph.manifest["identity"]),
         preset=preset, device="cpu", precision=precision, engine="onnxruntime",
         categories=graph.categories, class_weights=graph.class_weights,
     )

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
 # Precisions that run in ONNX Runtime on the CPU (the folded graph, and its int8 quantisation).
 ONNX_PRECISIONS = ("fp32", "int8")
+# What the catalog's evaluation may choose for "auto" on the CPU instead of fp32 (bf16 where it is native).
+CPU_CANDIDATES = ("int8", "bf16")
 
 
 @cache
@@ -50,8 +52,8 @@ def resolve_precision(precision: str, device_type: str, *, chosen: str | None = 
     """What "auto" means on ``device_type`` ("cpu", "cuda").
 
     On the CPU, "auto" is what the catalog's own evaluation chose for these weights on this machine kind
-    (``chosen``: "int8" only where its search recall@1 and category top-1 were within half a point of
-    fp32's, catalog/precision_choice.py), else fp32. On CUDA it is fp16 autocast, which runs on tensor
+    (``chosen``: int8 or bf16 only where it was faster and its search recall@1 and category top-1 were within
+    half a point of fp32's, catalog/precision_choice.py), else fp32. On CUDA it is fp16 autocast, which runs on tensor
     cores and keeps fp32's neighbours (benchmarks/README.md).
     """
     if precision != "auto":
@@ -62,7 +64,7 @@ def resolve_precision(precision: str, device_type: str, *, chosen: str | None = 
         return precision
     if device_type == "cuda":
         return "fp16"
-    return chosen if chosen in ONNX_PRECISIONS else "fp32"
+    return chosen if chosen in CPU_CANDIDATES else "fp32"
 
 
 @cache

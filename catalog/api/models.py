@@ -51,10 +51,11 @@ class PrecisionFigures(serializers.Serializer):
 
 
 class PrecisionDecision(serializers.Serializer):
-    chosen = serializers.ChoiceField(["fp32", "int8"], help_text='what "auto" embeds with on this machine kind')
+    chosen = serializers.ChoiceField(["fp32", "int8", "bf16"], help_text='what "auto" embeds with on this machine kind')
     reason = serializers.CharField()
-    figures = serializers.DictField(child=PrecisionFigures(), help_text="fp32, int8, and int8 queries against "
-                                    "fp32 catalog vectors: on the same sample and queries of the evaluation")
+    figures = serializers.DictField(child=PrecisionFigures(), help_text="fp32, each candidate (int8; bf16 where "
+                                    "native), and its queries against fp32 catalog vectors: on the same sample and "
+                                    "queries of the evaluation")
     images_per_s = serializers.DictField(child=serializers.FloatField(), required=False,
                                          help_text="each precision embedding the sample, decoding included")
     measured_at = serializers.CharField()

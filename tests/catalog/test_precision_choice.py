@@ -31,8 +31,18 @@ def test_int8_is_chosen_only_when_faster_and_within_half_a_point_everywhere():
     chosen, reason = choose(figures(close, {"recall_at_1": 0.60, "top1": 0.79}), {"fp32": 50, "int8": 120})
     assert chosen == "fp32" and "top1 int8_queries_fp32_catalog: 0.790 vs fp32 0.800" in reason
 
-    chosen, reason = choose(figures(FP32), {"fp32": 50, "int8": 45})
-    assert chosen == "fp32" and "not faster" in reason
+    chosen, reason = choose(figures(FP32), {"fp32": 50, "int8": 53})
+    assert chosen == "fp32" and "was not 1.1x as fast" in reason
+
+
+def test_the_fastest_candidate_that_holds_is_chosen():
+    worse = {"recall_at_1": 0.50, "top1": 0.70}
+    both = {**figures(worse), "bf16": FP32, "bf16_queries_fp32_catalog": FP32}
+
+    chosen, reason = choose(both, {"fp32": 50, "int8": 120, "bf16": 70})
+
+    assert chosen == "bf16" and reason.startswith("bf16 is 1.40x")
+    assert choose(both, {"fp32": 50, "int8": 120, "bf16": 40})[1].count("fp32") >= 2  # both refusals said
 
 
 def test_without_category_figures_the_search_figure_decides():
@@ -54,7 +64,9 @@ def test_the_evaluation_stores_the_decision_per_machine_kind_and_shows_it(staff)
     shown = staff.get(f"/api/models/{version.pk}/").json()["precision"]
     decision = shown[machine_kind()]
     assert decision["chosen"] in ("fp32", "int8") and decision["reason"]
-    assert set(decision["figures"]) == {"fp32", "int8", "int8_queries_fp32_catalog"}
+    expected_names = {"fp32"} | {f"{name}{suffix}" for name in precision_choice.candidates()
+                                 for suffix in ("", "_queries_fp32_catalog")}
+    assert set(decision["figures"]) == expected_names and "int8" in expected_names
     assert 0 <= decision["figures"]["int8"]["recall_at_1"] <= 1 and decision["images_per_s"]["int8"] > 0
     expected = choose(decision["figures"], decision["images_per_s"])[0]
     assert decision["chosen"] == expected

@@ -256,7 +256,8 @@ def test_auto_precision_is_fp32_on_the_cpu_unless_the_catalog_chose_int8_and_fp1
     """What "auto" must mean: fp32 on a CPU without a choice of the catalog's evaluation, fp16 on CUDA."""
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cpu", chosen="int8") == "int8"
-    assert resolve_precision("auto", "cpu", chosen="bf16") == "fp32"  # only ONNX Runtime's are chosen
+    assert resolve_precision("auto", "cpu", chosen="bf16") == "bf16"
+    assert resolve_precision("auto", "cpu", chosen="fp16") == "fp32"  # not a CPU candidate
     assert resolve_precision("auto", "cuda") == "fp16"
     assert resolve_precision("auto", "cuda", chosen="int8") == "fp16"
     assert (effnet_imagenet.device, effnet_imagenet.precision) == ("cpu", "fp32")
