@@ -31,8 +31,8 @@ PRECISION_FILE = "precision.json"
 CALIBRATION_IMAGES = 32  # catalog images an int8 graph is calibrated on, spread over the catalog
 AUTO_BATCH_WAIT_MS = 3  # how long a batch of queries gathers on CUDA when the settings leave it to "auto"
 
-# The configured model and, during a switch, the one search still serves; and a precision being compared.
-_embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=3)
+# The configured model and, during a switch, the one search still serves; and the precisions being compared.
+_embedders: ProcessCache[tuple, object] = ProcessCache("embedders", size=4)
 
 
 def configured() -> list[str]:

@@ -196,7 +196,7 @@ def test_every_corpus_file_gets_an_answer_or_a_readable_400_from_search(anon, ph
     handed: list[tuple[str, tuple[int, int]]] = []
 
     class QueryModel:
-        min_side, preset = real_model.min_side, real_model.preset
+        min_side, preset, device = real_model.min_side, real_model.preset, real_model.device
 
         @staticmethod
         def embed(images, maps=False):
