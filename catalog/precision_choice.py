@@ -17,14 +17,13 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from catalog.evaluation import CatalogImages, catalog_images, category_figures, query_vectors
+from catalog.evaluation import CatalogImages, catalog_images, category_figures, load_catalog_image, query_vectors
 from catalog.models import ModelVersion
 from catalog.serving import get_embedder, write_chosen_precision
 from ml.augment import cluttered_backgrounds
 from ml.bulk import embed_sources
 from ml.catalog_eval import CatalogVectors, query_plan, rank_products, search_metrics
-from ml.embedder import PrecisionUnavailableError
-from ml.precision import CPU_CANDIDATES, cpu_has_native_bf16, machine_kind
+from ml.precision import CPU_CANDIDATES, PrecisionUnavailableError, cpu_has_native_bf16, machine_kind
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,7 @@ def precision_choose(*, version_id: int) -> dict | None:
         return None
     kind = machine_kind()
     _progress(version, "comparing precisions")
-    try:
-        decision = compare(version)
-    except PrecisionUnavailableError as exc:
-        decision = {"chosen": "fp32", "reason": f"int8 cannot run here: {exc}", "figures": {}}
+    decision = compare(version)
     decision["measured_at"] = timezone.now().isoformat(timespec="seconds")
     version.refresh_from_db()
     ModelVersion.objects.filter(pk=version.pk).update(precision={**version.precision, kind: decision},
@@ -68,9 +64,16 @@ def compare(version: ModelVersion) -> dict:
     plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())))
     backgrounds = cluttered_backgrounds()
     spec = {"backbone": version.backbone, "weights": version.weights}
-    vectors, queries, speed = {}, {}, {}
+    vectors, queries, speed, unavailable = {}, {}, {}, {}
+    for pk in catalog.image_ids.tolist():
+        _read(catalog.files[pk])  # every precision then reads the files from the page cache alike
     for precision in ("fp32", *candidates()):
-        model = get_embedder(spec, precision=precision)
+        try:
+            model = get_embedder(spec, precision=precision)
+        except PrecisionUnavailableError as exc:
+            unavailable[precision] = str(exc)
+            continue
+        model.embed([load_catalog_image(catalog.files[pk]) for pk in catalog.image_ids[:8].tolist()])  # warm-up
         bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: _read(catalog.files[pk]))
         ids = np.array(bulk.sources, dtype=np.int64)
         product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
@@ -78,13 +81,16 @@ def compare(version: ModelVersion) -> dict:
                                             bulk.vectors)
         speed[precision] = round(bulk.images_per_s, 2)
         queries[precision] = query_vectors(model, plan, catalog, backgrounds)
+    measured = [name for name in candidates() if name in vectors]
     figures = {name: _figures(catalog, plan, vectors[name], queries[name], version.identity)
-               for name in ("fp32", *candidates())}
-    for name in candidates():
+               for name in ("fp32", *measured)}
+    for name in measured:
         # Right after a switch the index still holds fp32 vectors: queries of ``name`` must find them too.
         figures[f"{name}_queries_fp32_catalog"] = _figures(catalog, plan, vectors["fp32"], queries[name],
                                                            version.identity, test_vectors=_aligned(vectors, name))
     chosen, reason = choose(figures, speed)
+    if unavailable:
+        reason += "; " + "; ".join(f"{name} cannot run here: {why}" for name, why in unavailable.items())
     return {"chosen": chosen, "reason": reason, "figures": figures, "images_per_s": speed,
             "images": len(catalog.image_ids), "queries": len(plan), "tolerance": TOLERANCE}
 
@@ -118,7 +124,7 @@ def _figures(catalog: CatalogImages, plan, vectors: CatalogVectors, queries: np.
 
 
 def _aligned(vectors: dict, name: str) -> np.ndarray:
-    """``name``'s vectors in the rows of fp32's (the same images; a file that failed in one is left out of both)."""
+    """``name``'s vectors in the rows of fp32's: the same images, decoded alike, so the same ones failed."""
     row_of = {pk: row for row, pk in enumerate(vectors[name].image_ids.tolist())}
     return np.stack([vectors[name].vectors[row_of[pk]] for pk in vectors["fp32"].image_ids.tolist()])
 

@@ -8,7 +8,6 @@ only read it.
 import json
 import logging
 import threading
-import weakref
 from pathlib import Path
 
 from django.conf import settings
@@ -17,6 +16,7 @@ from django.utils import timezone
 
 from catalog.models import ProductImage
 from catalog.process_cache import ProcessCache, file_stamp
+from ml.embedder import CALIBRATION_IMAGES
 from ml.files import atomic_write
 from ml.images import ImageDecodeError, decode_image
 from ml.precision import machine_kind
@@ -28,7 +28,6 @@ ACTIVE_FILE = "active.json"
 PROMOTED_FILE = "promoted.json"  # a fine-tuned model promoted over the configured one (catalog/model_versions.py)
 # identity -> machine kind -> the precision "auto" means there (catalog/precision_choice.py keeps the figures).
 PRECISION_FILE = "precision.json"
-CALIBRATION_IMAGES = 32  # catalog images an int8 graph is calibrated on, spread over the catalog
 AUTO_BATCH_WAIT_MS = 3  # how long a batch of queries gathers on CUDA when the settings leave it to "auto"
 
 # The configured model and, during a switch, the one search still serves; and the precisions being compared.
@@ -91,7 +90,6 @@ def get_embedder(spec: dict | None = None, *, precision: str | None = None):
     ), stamp=stamp)
 
 
-_batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> its DynamicBatcher
 _batchers_lock = threading.Lock()
 
 
@@ -106,12 +104,11 @@ def embed_query(model, images, *, maps: bool = False):
         return model.embed(images, maps=maps)
     from ml.batcher import DynamicBatcher
 
-    with _batchers_lock:
-        batcher = _batchers.get(model)
-        if batcher is None:
-            batcher = _batchers[model] = DynamicBatcher(model.embed_pixels, max_images=settings.QUERY_BATCH_IMAGES,
-                                                        wait_s=wait_ms / 1000)
-    return batcher.embed([model.preprocess(image) for image in images], maps=maps)
+    with _batchers_lock:  # kept on the model, so it goes when the model does
+        if model.query_batcher is None:
+            model.query_batcher = DynamicBatcher(model.embed_pixels, max_images=settings.QUERY_BATCH_IMAGES,
+                                                 wait_s=wait_ms / 1000)
+    return model.query_batcher.embed([model.preprocess(image) for image in images], maps=maps)
 
 
 def chosen_precisions() -> dict:

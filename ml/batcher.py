@@ -24,7 +24,8 @@ from ml.embedder import EmbedResult
 class _Request:
     images: Sequence[np.ndarray]  # each image's model input pixels, from Embedder.preprocess
     maps: bool
-    done: bool = False  # read and written under the batcher's lock
+    taken: bool = False  # in a batch that a leader runs: its caller only waits for the rows
+    done: bool = False
     result: EmbedResult | None = None
     error: BaseException | None = None
 
@@ -49,7 +50,7 @@ class DynamicBatcher:
             self._lock.notify_all()
         while True:
             with self._lock:
-                while not request.done and self._leading:
+                while not request.done and (self._leading or request.taken):
                     self._lock.wait()
                 if request.done:
                     break
@@ -68,6 +69,7 @@ class DynamicBatcher:
                 batch, taken = [], 0
                 while self._waiting and (not batch or taken + len(self._waiting[0].images) <= self.max_images):
                     request = self._waiting.pop(0)
+                    request.taken = True
                     batch.append(request)
                     taken += len(request.images)
                 self._leading = False
@@ -80,20 +82,23 @@ class DynamicBatcher:
         return sum(len(request.images) for request in self._waiting)
 
     def _run(self, batch: list[_Request]) -> None:
+        if not batch:
+            return
         images = [image for request in batch for image in request.images]
         try:
             result = self._embed(np.stack(images), maps=any(request.maps for request in batch))
-        except Exception as e:  # each caller gets the error, none is left waiting
+            self.batches += 1
+            self.images += len(images)
+            start = 0
             for request in batch:
-                request.error, request.done = e, True
-            return
-        self.batches += 1
-        self.images += len(images)
-        start = 0
-        for request in batch:
-            end = start + len(request.images)
-            request.result = EmbedResult(
-                result.vectors[start:end], result.labels[start:end], result.identity,
-                result.maps[start:end] if request.maps and result.maps is not None else None)
-            request.done = True
-            start = end
+                end = start + len(request.images)
+                request.result = EmbedResult(
+                    result.vectors[start:end], result.labels[start:end], result.identity,
+                    result.maps[start:end] if request.maps and result.maps is not None else None)
+                start = end
+        except Exception as e:  # each caller gets the error
+            for request in batch:
+                request.error = e
+        finally:  # and none is left waiting, whatever happened
+            for request in batch:
+                request.done = True

@@ -25,9 +25,15 @@ import numpy as np
 from PIL import Image
 
 from ml import onnx_engine
-from ml.precision import ONNX_PRECISIONS, PRECISIONS, configure_cpu_threads, resolve_precision
+from ml.precision import (
+    ONNX_PRECISIONS,
+    PRECISIONS,
+    PrecisionUnavailableError,
+    configure_cpu_threads,
+    resolve_precision,
+)
 from ml.preprocessing import DEFAULT_PREPROCESS, PREPROCESS_MODES, EvalPreset
-from ml.weights import BACKBONES, WeightsError, WeightsUnavailableError, weights_sha256
+from ml.weights import BACKBONES, WeightsUnavailableError, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +46,6 @@ CALIBRATION_IMAGES = 32  # catalog images int8's activation ranges are calibrate
 
 # (pixels uint8 [n, 3, H, W], maps wanted) -> (pooled [n, dim], logits [n, 1000], maps [n, dim, h, w] or None)
 Run = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
-
-
-class PrecisionUnavailableError(WeightsError):
-    """The precision asked for cannot be built here; ``str(e)`` says what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Embedder:
         self._run = run
         self._class_weights = class_weights
         self._model = model  # the PyTorch model, when the engine is PyTorch
+        self.query_batcher = None  # set by whoever batches this model's concurrent queries (catalog.serving)
 
     def __repr__(self) -> str:
         return (
@@ -168,7 +171,8 @@ def load_embedder(
     EfficientNet-Lite0, with a warning and ``embedder.fallback_reason`` saying why.
     ``engine`` "auto" runs fp32 and int8 on the CPU in ONNX Runtime; "torch" keeps fp32, bf16 and fp16 in
     PyTorch. ``precision`` "auto" is, on the CPU, ``chosen_precision(identity key)`` (what the catalog's
-    evaluation chose for these weights on this machine kind) when that is fp32 or int8, else fp32; on CUDA fp16.
+    evaluation chose for these weights on this machine kind: int8 or bf16) when there is one, else fp32; on
+    CUDA fp16.
     ``calibration`` gives catalog images when int8 is asked for and its graph is not cached yet.
     """
     _check_choice("backbone", backbone, BACKBONES)
@@ -215,6 +219,9 @@ def _load(backbone: str, weights, *, device, precision: str, preprocess: str, en
             return embedder
     elif device_type == "cpu" and engine == "auto" and precision in ("auto", "fp32"):
         log.warning("onnxruntime is not installed: fp32 embedding runs in PyTorch, which is slower")
+    if automatic and precision == "int8":
+        log.warning("int8 was chosen for these weights but ONNX Runtime cannot run it here: embedding in fp32")
+        precision = "fp32"
     precision = resolve_precision(precision, device_type)
     if precision == "int8":
         raise PrecisionUnavailableError(

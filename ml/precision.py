@@ -10,6 +10,8 @@ import os
 from functools import cache
 from pathlib import Path
 
+from ml.weights import WeightsError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
@@ -17,6 +19,10 @@ PRECISIONS = ("auto", "fp32", "int8", "bf16", "fp16")
 ONNX_PRECISIONS = ("fp32", "int8")
 # What the catalog's evaluation may choose for "auto" on the CPU instead of fp32 (bf16 where it is native).
 CPU_CANDIDATES = ("int8", "bf16")
+
+
+class PrecisionUnavailableError(WeightsError):
+    """The precision asked for cannot run here; ``str(e)`` says what to do about it."""
 
 
 @cache
@@ -60,7 +66,7 @@ def resolve_precision(precision: str, device_type: str, *, chosen: str | None = 
         if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
             log.warning("this CPU has no bf16 instructions: bf16 is emulated and slower than fp32")
         if precision == "int8" and device_type != "cpu":
-            raise ValueError("int8 runs in ONNX Runtime on the CPU; on CUDA choose fp16 or auto")
+            raise PrecisionUnavailableError("int8 runs in ONNX Runtime on the CPU; on CUDA choose fp16 or auto")
         return precision
     if device_type == "cuda":
         return "fp16"

@@ -364,7 +364,7 @@ def test_concurrent_queries_batched_get_the_vectors_each_would_get_alone(setting
     for thread in threads:
         thread.join(timeout=60)
 
-    batcher = serving._batchers[model]
+    batcher = model.query_batcher
     assert batcher.images == len(photos) and batcher.batches < len(photos)
     for number in range(len(photos)):
         np.testing.assert_allclose(got[number].vectors[0], alone.vectors[number], atol=1e-4)

@@ -90,3 +90,26 @@ def test_a_caller_over_the_batch_limit_still_runs():
 
     assert batcher.embed([image(v) for v in range(5)]).vectors[:, 0].tolist() == [0, 1, 2, 3, 4]
     assert model.batches == [5]  # one caller's images are never split
+
+
+def test_callers_arriving_while_a_pass_runs_form_the_next_one_and_none_runs_twice():
+    model = SlowModel(seconds=0.05)
+    batcher = DynamicBatcher(model.embed, max_images=8, wait_s=0.003)
+    results = {}
+
+    def call(number: int) -> None:
+        started = time.perf_counter()
+        results[number] = (batcher.embed([image(number)]), time.perf_counter() - started)
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    time.sleep(0.02)  # the first pass is running
+    others = [threading.Thread(target=call, args=(n,)) for n in range(1, 5)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(timeout=30)
+
+    assert model.batches == [1, 4]  # no empty pass, no caller leading a pass after its own rows were taken
+    assert all(result.vectors[0, 0] == number for number, (result, _) in results.items())
+    assert results[0][1] < 0.09  # the first caller did not wait for the second pass

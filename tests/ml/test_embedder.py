@@ -375,7 +375,7 @@ def test_a_cached_graph_loads_without_pytorch_and_gives_the_same_vectors(tmp_pat
 
 
 def test_int8_is_calibrated_on_the_images_given_then_loads_from_the_cache(tmp_path, monkeypatch, images):
-    from ml.embedder import PrecisionUnavailableError
+    from ml.precision import PrecisionUnavailableError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(PrecisionUnavailableError, match="no catalog images were given to calibrate"):
