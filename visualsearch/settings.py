@@ -133,6 +133,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL: readers never wait for the writer, and a commit is an append instead of journal fsyncs
     # (NORMAL is crash-safe in WAL mode; a power cut may lose the last commits, never corrupt the file).
     DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL"
+    # A transaction takes the write lock when it begins: a deferred one that read first and then writes fails
+    # at once with "database is locked" when another process wrote in between (the busy timeout never
+    # applies to that upgrade), which the embedded worker and `seed_demo` writing together hit.
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", BROKER_URL if BROKER_URL.startswith("redis") else "")
