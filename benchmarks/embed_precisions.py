@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import distinct_photos, machine  # noqa: E402
+from benchmarks.embed_throughput import export_torchvision_resnet50  # noqa: E402
 
 PRECISIONS = ("fp32", "int8", "bf16")
 BASELINE = r'''
@@ -89,21 +90,6 @@ def timed(command: list[str], env: dict, cwd: Path) -> tuple[float, str]:
     return seconds, done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
-def export_torchvision(path: Path) -> None:
-    import warnings
-
-    import torch
-    from torchvision.models import resnet50
-
-    model = resnet50(weights=None).eval()
-    model.fc = torch.nn.Identity()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["pixels"],
-                          output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
-                          dynamo=False)
-
-
 def cpu_flags() -> str:
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -141,7 +127,7 @@ def main() -> None:
                 "--backbone", "resnet50", "--weights", "random", "--precision", precision]
 
     try:
-        export_torchvision(work / "torchvision.onnx")
+        export_torchvision_resnet50(work / "torchvision.onnx")
         cold = {}
         for precision in PRECISIONS:  # exports the graph; int8 calibrates on the photos
             cold[precision] = timed(ml_embed(photos, precision), env, REPO)[0]

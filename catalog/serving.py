@@ -11,14 +11,14 @@ import threading
 from pathlib import Path
 
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from catalog.models import ProductImage
 from catalog.process_cache import ProcessCache, file_stamp
+from catalog.selectors import stored_image
 from ml.embedder import CALIBRATION_IMAGES
 from ml.files import atomic_write
-from ml.images import ImageDecodeError, decode_image
+from ml.images import ImageDecodeError
 from ml.precision import machine_kind
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,9 @@ def get_embedder(spec: dict | None = None, *, precision: str | None = None):
     key = (spec["backbone"], spec["weights"], precision, settings.EMBED_FALLBACK)
     stamp = (file_stamp(spec["weights"]) if spec["weights"] not in ("imagenet", "random") else None,
              file_stamp(Path(settings.INDEX_DIR) / PRECISION_FILE) if precision == "auto" else None)
-    kind = machine_kind()
     return _embedders.get(key, lambda: load_embedder(
         spec["backbone"], spec["weights"], precision=precision, fallback=settings.EMBED_FALLBACK,
-        chosen_precision=lambda identity: chosen_precisions().get(identity, {}).get(kind),
+        chosen_precision=lambda identity: chosen_precisions().get(identity, {}).get(machine_kind()),
         calibration=calibration_images,
     ), stamp=stamp)
 
@@ -132,9 +131,7 @@ def calibration_images():
     chosen = ids[:: max(1, len(ids) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
     for name in ProductImage.objects.filter(id__in=chosen).order_by("id").values_list("file", flat=True):
         try:
-            with default_storage.open(name, "rb") as f:
-                yield decode_image(f.read(), allowed_formats=frozenset(settings.IMAGE_ALLOWED_FORMATS),
-                                   max_pixels=settings.IMAGE_MAX_PIXELS)[0]
+            yield stored_image(name)
         except (OSError, ImageDecodeError):
             continue
 

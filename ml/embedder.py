@@ -209,37 +209,40 @@ def _load(backbone: str, weights, *, device, precision: str, preprocess: str, en
     mode = DEFAULT_PREPROCESS if preprocess == "auto" else preprocess
     automatic = precision == "auto"
     onnx = device_type == "cpu" and engine == "auto" and onnx_engine.onnx_runtime_available()
-    sha256 = None if weights == "random" or not (onnx or automatic) else weights_sha256(backbone, weights)[1]
+    # The weights' hash names the cached graph and the catalog's choice; PyTorch's path hashes by itself.
+    needs_hash = onnx or (automatic and device_type == "cpu")
+    sha256 = weights_sha256(backbone, weights)[1] if needs_hash and weights != "random" else None
     if automatic and device_type == "cpu":
-        precision = resolve_precision("auto", "cpu", chosen=_chosen(backbone, sha256, chosen_precision))
-    if onnx and precision in ("auto", *ONNX_PRECISIONS):
-        embedder = _load_onnx(backbone, weights, sha256, precision=resolve_precision(precision, "cpu"), mode=mode,
-                              automatic=automatic, calibration=calibration)
+        precision = _chosen(backbone, sha256, chosen_precision)
+    precision = resolve_precision(precision, device_type)
+    if onnx and precision in ONNX_PRECISIONS:
+        embedder = _load_onnx(backbone, weights, sha256, precision=precision, mode=mode, automatic=automatic,
+                              calibration=calibration)
         if embedder is not None:
             return embedder
-    elif device_type == "cpu" and engine == "auto" and precision in ("auto", "fp32"):
+    elif device_type == "cpu" and engine == "auto" and precision == "fp32":
         log.warning("onnxruntime is not installed: fp32 embedding runs in PyTorch, which is slower")
     if automatic and precision == "int8":
         log.warning("int8 was chosen for these weights but ONNX Runtime cannot run it here: embedding in fp32")
         precision = "fp32"
-    precision = resolve_precision(precision, device_type)
     if precision == "int8":
         raise PrecisionUnavailableError(
             "int8 runs only in ONNX Runtime on the CPU: install onnxruntime, and leave engine and device as they are")
     return _load_torch(backbone, weights, device=device, precision=precision, mode=mode)
 
 
-def _chosen(backbone: str, sha256: str | None, chosen) -> str | None:
-    """What the catalog's evaluation chose for these weights' identity, known without building the model: the
-    weights file's hash, or for "random" weights the identity their cached graph records."""
+def _chosen(backbone: str, sha256: str | None, chosen) -> str:
+    """What "auto" means on the CPU for these weights: the catalog's choice for their identity, known without
+    building the model (the weights file's hash, or for "random" weights the identity their cached graph
+    records), else fp32."""
     if chosen is None:
-        return None
+        return "fp32"
     if sha256 is None:
         graph = onnx_engine.cached_graph(onnx_engine.graph_stem(backbone, "random"))
         if graph is None:
-            return None  # never exported here, so never evaluated here either
+            return "fp32"  # never exported here, so never evaluated here either
         sha256 = graph.manifest["identity"]["weights_sha256"]
-    return chosen(ModelIdentity(backbone, sha256, 0).key)
+    return resolve_precision("auto", "cpu", chosen=chosen(ModelIdentity(backbone, sha256, 0).key))
 
 
 def _load_onnx(backbone: str, weights, sha256: str | None, *, precision: str, mode: str, automatic: bool,
@@ -280,15 +283,22 @@ def _load_onnx(backbone: str, weights, sha256: str | None, *, precision: str, mo
     )
 
 
-def _export(backbone: str, weights, stem: str) -> onnx_engine.CachedGraph:
-    from ml.backbones import build_with_weights, fold_batch_norms, imagenet_categories, split_classifier
+def _folded_model(backbone: str, weights):
+    """The PyTorch model (classifier split off, batch norms folded), its eval preset and identity."""
+    from ml.backbones import build_with_weights, fold_batch_norms, split_classifier
 
-    configure_cpu_threads()
     model, preset, sha256 = build_with_weights(backbone, weights)
     model, dim = split_classifier(model)
-    model = fold_batch_norms(model.eval())
+    return fold_batch_norms(model.eval()), preset, ModelIdentity(backbone=backbone, weights_sha256=sha256, dim=dim)
+
+
+def _export(backbone: str, weights, stem: str) -> onnx_engine.CachedGraph:
+    from ml.backbones import imagenet_categories
+
+    configure_cpu_threads()
+    model, preset, identity = _folded_model(backbone, weights)
     return onnx_engine.export_graph(
-        model, stem, identity={"backbone": backbone, "weights_sha256": sha256, "dim": dim}, preset=preset,
+        model, stem, identity=dataclasses.asdict(identity), preset=preset,
         categories=imagenet_categories(), class_weights=model.classifier.weight.detach().float().numpy())
 
 
@@ -323,17 +333,16 @@ class _OnnxRun:
 def _load_torch(backbone: str, weights, *, device: str, precision: str, mode: str) -> Embedder:
     import torch
 
-    from ml.backbones import build_with_weights, fold_batch_norms, imagenet_categories, split_classifier
+    from ml.backbones import imagenet_categories
 
     if device.startswith("cpu"):
         configure_cpu_threads()
-    model, preset, sha256 = build_with_weights(backbone, weights)
-    model, dim = split_classifier(model)
-    model = fold_batch_norms(model.eval()).to(device=torch.device(device), memory_format=torch.channels_last)
+    model, preset, identity = _folded_model(backbone, weights)
+    model = model.to(device=torch.device(device), memory_format=torch.channels_last)
     preset = dataclasses.replace(preset, mode=mode)
     return Embedder(
         run=_TorchRun(model, torch.device(device), precision, preset),
-        identity=ModelIdentity(backbone=backbone, weights_sha256=sha256, dim=dim),
+        identity=identity,
         preset=preset, device=str(torch.device(device)), precision=precision, engine="torch",
         categories=imagenet_categories(),
         class_weights=lambda: model.classifier.weight.detach().float().cpu().numpy(),
