@@ -11,7 +11,7 @@ process of their own as the `compact` worker would. It prints:
 
 - per 32-vector update: seconds and bytes written (p50, p95), for segments and for full publishes;
 - how long a searching process takes to find an update (p50, p95), for both;
-- the memory of the four searching processes together (sum of PSS) against one alone;
+- the memory of the four searching processes together (sum of PSS) against one alone, for the same searches;
 - recall@10 after the churn against exact search over the true vectors, and each compaction's time;
 - the base the build chose (kind, codes, recall self-check, and why).
 
@@ -58,7 +58,10 @@ def reader_main(directory: str, vectors_path: str, fresh_path: str) -> None:
     vectors = np.load(vectors_path, mmap_mode="r")
     fresh = np.load(fresh_path, mmap_mode="r")
 
+    traffic_on = threading.Event()  # held until memory is measured, so that every process has served the same
+
     def traffic() -> None:  # shoppers' searches, as a web process serves them between the benchmark's
+        traffic_on.wait()
         rng = np.random.default_rng(os.getpid())
         while True:
             row = int(rng.integers(len(vectors)))
@@ -72,6 +75,9 @@ def reader_main(directory: str, vectors_path: str, fresh_path: str) -> None:
             rng = np.random.default_rng(command["seed"])
             for row in rng.integers(len(vectors), size=command["searches"]):
                 reader.current().search(np.asarray(vectors[row : row + 1]), 10)
+            answer = {"ok": True}
+        elif command["do"] == "traffic":
+            traffic_on.set()
             answer = {"ok": True}
         elif command["do"] == "find":  # poll as a web process does, until the update is searchable
             query = np.asarray((fresh if command["fresh"] else vectors)[command["row"]][None, :])
@@ -212,15 +218,21 @@ def main() -> None:
           f"recall@10 self-check {quality['recall_at_10']:.3f} (target {quality['target']}); {quality['note']}",
           flush=True)
 
+    # Memory for the same traffic: one process serves the 800 searches that four serve together (200 each),
+    # so both touch the same pages of the shared files and the difference is what each process holds alone.
+    # (Had the one served only 200, the four's extra pages read from the files would count as copies.)
     searchers = [Searcher(directory, vectors_path, fresh_path)]
-    searchers[0].ask(do="warm", searches=200, seed=0)
+    for seed in range(4):
+        searchers[0].ask(do="warm", searches=200, seed=seed)
     one_mb = searchers[0].pss_mb()
     searchers += [Searcher(directory, vectors_path, fresh_path) for _ in range(3)]
-    for i, searcher in enumerate(searchers):
-        searcher.ask(do="warm", searches=200, seed=i)
+    for seed, searcher in enumerate(searchers[1:], start=1):
+        searcher.ask(do="warm", searches=200, seed=seed)
     four_mb = sum(s.pss_mb() for s in searchers)
-    print(f"memory: one searching process {one_mb:.0f} MB (PSS); four together {four_mb:.0f} MB "
-          f"({four_mb / one_mb:.2f}x one)", flush=True)
+    print(f"memory: one searching process {one_mb:.0f} MB (PSS) after 800 searches; four together "
+          f"{four_mb:.0f} MB after the same 800 ({four_mb / one_mb:.2f}x one)", flush=True)
+    for searcher in searchers:
+        searcher.ask(do="traffic")
 
     # The live set: id -> (source, row), source 0 for the original vectors, 1 for fresh ones.
     live = {int(i): (0, r) for r, i in enumerate(ids)}

@@ -62,6 +62,7 @@ class BaseIndex:
     quality: Quality = field(default_factory=Quality)
     trained_count: int = 0  # vectors the approximate stage was trained on
     trained_residual: float = 0.0  # their mean squared distance to the nearest list centre
+    candidates_file: Path | None = None  # where a base read from disk maps its candidate stage from
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -199,6 +200,12 @@ class BaseIndex:
             )
         return scores, rows
 
+    def editable_candidates(self) -> faiss.Index:
+        """A private copy of the candidate stage that can be changed (a read base maps its lists read-only)."""
+        if self.candidates_file is not None:
+            return faiss.read_index(str(self.candidates_file))
+        return faiss.clone_index(self.candidates)
+
     def move_search_to_gpu(self) -> None:
         """Unfiltered exact scans on every GPU faiss sees (the flat kind; filtered searches stay on the CPU)."""
         if self.kind != FLAT:
@@ -249,7 +256,10 @@ class BaseIndex:
         try:
             ids = np.load(paths["ids"], mmap_mode="r", allow_pickle=False)
             codes = faiss.read_index(str(paths["codes"]), faiss.IO_FLAG_MMAP_IFC)
-            candidates = faiss.read_index(str(paths["candidates"])) if "candidates" in paths else None
+            # The candidate stage's inverted lists are memory-mapped too (read-only on-disk lists), so that
+            # each searching process does not hold its own copy of them.
+            candidates = (faiss.read_index(str(paths["candidates"]), faiss.IO_FLAG_MMAP)
+                          if "candidates" in paths else None)
         except (OSError, RuntimeError, ValueError) as exc:
             raise IndexFileError(f"the index files in {directory} are corrupt ({exc}); {REBUILD_HINT}") from exc
         count = int(entry["count"])
@@ -267,6 +277,7 @@ class BaseIndex:
             kind=entry["kind"], dim=dim, ids=ids, codes=codes, candidates=candidates,
             settings=SearchSettings(**entry.get("search", {})), quality=Quality(**entry.get("quality", {})),
             trained_count=int(entry.get("trained_count", 0)), trained_residual=float(entry.get("trained_residual", 0)),
+            candidates_file=paths.get("candidates"),
         )
 
 def _write_faiss(f, index: faiss.Index) -> None:

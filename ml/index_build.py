@@ -283,7 +283,7 @@ def _merge(index: VectorIndex) -> BaseIndex:
     merged_codes.ntotal = len(ids)
     del codes
 
-    candidates = faiss.clone_index(base.candidates)
+    candidates = base.editable_candidates()
     ivf = faiss.extract_index_ivf(candidates)
     if hidden.size:
         ivf.remove_ids(faiss.IDSelectorBatch(hidden))

@@ -51,6 +51,18 @@ def test_save_and_load_round_trip_flat(flat, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_loaded_approximate_base_maps_its_files_rather_than_copying_them(tmp_path):
+    """Searching processes on one host share one copy of the index: every file of the base, the candidate
+    stage's lists included, is a file mapping of the process, not a private copy of it."""
+    vectors = catalog_vectors(3000, APPROX_DIM, seed=1)
+    save_index(build_index(image_ids(3000), vectors, IDENTITY, exact_threshold=1000), tmp_path)
+    loaded = load_index(tmp_path)
+    loaded.search(vectors[:5], 10)
+    mapped = {line.split()[-1] for line in open("/proc/self/maps") if "/" in line}
+    for part in ("ids", "codes", "candidates"):
+        assert str(base_file(tmp_path, part)) in mapped, f"the base's {part} file is copied into the process"
+
+
 def test_save_and_load_round_trip_approximate(tmp_path):
     vectors = catalog_vectors(3000, APPROX_DIM, seed=1)
     approximate = build_index(image_ids(3000), vectors, IDENTITY, exact_threshold=1000)
