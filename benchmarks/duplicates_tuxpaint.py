@@ -10,7 +10,9 @@ taken greedily so that no two of them look alike (cosine under 0.5 to every one 
 are unrelated to each other as well. `GET /api/duplicates/` (its service) is read once everything is
 indexed. Reported: the share of copies grouped with their original (target >= 90 %) and the share of
 unrelated images in any group (target <= 5 %). The score threshold (`VISUALSEARCH_DUPLICATE_SCORE`) was
-chosen on scikit-image's photos and their copies, not on the stamps.
+chosen on scikit-image's photos and their copies, and the perceptual-hash rule below it
+(`VISUALSEARCH_DUPLICATE_HASH_SCORE`, `VISUALSEARCH_DUPLICATE_HASH_BITS`) on `benchmarks/duplicates_choice.py`'s
+split, never on the stamps.
 """
 from __future__ import annotations
 
@@ -54,10 +56,8 @@ def altered(data: bytes, rng: np.random.Generator) -> bytes:
     return out.getvalue()
 
 
-def unrelated_images(embedder, count: int) -> list[bytes]:
-    """``count`` images unrelated to the stamps and to each other."""
-    from PIL import Image
-
+def photo_pool() -> list[bytes]:
+    """scikit-image's photos and the shared corpus's images that decode (64 px or more), as JPEG."""
     from catalog.demo import skimage_photo
     from ml.images import ImageDecodeError, decode_image
 
@@ -81,8 +81,15 @@ def unrelated_images(embedder, count: int) -> list[bytes]:
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=90)
             candidates.append(out.getvalue())
+    return candidates
+
+
+def unrelated_images(embedder, count: int) -> list[bytes]:
+    """``count`` images of the pool unrelated to the stamps and to each other."""
+    from PIL import Image
+
     chosen, vectors = [], []
-    for data in candidates:
+    for data in photo_pool():
         vector = embedder.embed([Image.open(io.BytesIO(data)).convert("RGB")]).vectors[0]
         if all(float(vector @ other) < 0.5 for other in vectors):
             chosen.append(data)
@@ -125,7 +132,8 @@ def main() -> None:
     paired = sum(any(image in group for group in groups) for image in unrelated)
     among = sum(len(group) for group in groups if not group & (set(copies) | set(unrelated)))
     print(f"catalog: {len(files)} stamps; {COPIES} altered copies and {len(unrelated)} unrelated images added as new "
-          f"products; threshold {settings.DUPLICATE_SCORE}", flush=True)
+          f"products; cosine >= {settings.DUPLICATE_SCORE}, or >= {settings.DUPLICATE_HASH_SCORE} with perceptual hashes "
+          f"at most {settings.DUPLICATE_HASH_BITS} bits apart", flush=True)
     print(f"copies grouped with their original: {found}/{COPIES} = {found / COPIES:.0%} (target >= 90 %)", flush=True)
     print(f"unrelated images in a group: {paired}/{len(unrelated)} = {paired / max(1, len(unrelated)):.0%} "
           f"(target <= 5 %)", flush=True)

@@ -355,7 +355,8 @@ class ModelVersionAdmin(ReportsAdmin):
 class DuplicatePairAdmin(admin.ModelAdmin):
     """Near-duplicates across products, side by side: merge into one product, or say they are not duplicates."""
 
-    list_display = ["first", "first_product", "second", "second_product", "score", "status", "created_at"]
+    list_display = ["first", "first_product", "second", "second_product", "score", "hash_distance", "status",
+                    "created_at"]
     list_filter = ["status"]
     search_fields = ["image__product__sku", "other__product__sku"]
     actions = ["merge_into_first", "merge_into_second", "not_duplicates"]

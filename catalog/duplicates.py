@@ -2,7 +2,8 @@
 
 A catalog accumulates the same photo under several products (re-uploads, variants, supplier copies). When
 the index writer adds images, each one's nearest neighbours of *other* products scoring at least
-`VISUALSEARCH_DUPLICATE_SCORE` become open pairs; a catalog admin merges them (the images move to one
+`VISUALSEARCH_DUPLICATE_SCORE` become open pairs, and so do those from `VISUALSEARCH_DUPLICATE_HASH_SCORE` up
+whose perceptual hashes agree (`ml/fingerprint.py`); a catalog admin merges them (the images move to one
 product, the other is deactivated) or says they are not duplicates, which is remembered.
 """
 import numpy as np
@@ -14,28 +15,40 @@ from django.utils import timezone
 
 from catalog.models import DuplicatePair, Product, ProductImage
 from catalog.services import product_image_delete
+from ml.fingerprint import hash_distance
 
 NEIGHBOURS = 8  # looked at per new image
 
 
 def duplicates_record(*, index, ids: np.ndarray, vectors: np.ndarray) -> int:
     """Record the open pairs of the images just indexed (`ids`, their `vectors`); returns how many are new.
-    A pair seen before keeps its status: one dismissed stays dismissed."""
+
+    A pair is another product's image among the nearest neighbours at cosine >= `DUPLICATE_SCORE`, or at
+    cosine >= `DUPLICATE_HASH_SCORE` with perceptual hashes at most `DUPLICATE_HASH_BITS` apart (a much
+    smaller copy, which the embedding sees blurred). A pair seen before keeps its status: one dismissed
+    stays dismissed."""
     if not len(ids):
         return 0
     scores, found = index.search(vectors, min(NEIGHBOURS + 1, len(index)))
+    floor = min(settings.DUPLICATE_SCORE, settings.DUPLICATE_HASH_SCORE)
     close = {}
     for image, row_scores, row_ids in zip(ids.tolist(), scores, found):
         for score, other in zip(row_scores.tolist(), row_ids.tolist()):
-            if other >= 0 and other != image and score >= settings.DUPLICATE_SCORE:
+            if other >= 0 and other != image and score >= floor:
                 key = (min(image, other), max(image, other))
                 close[key] = max(score, close.get(key, -1.0))
     if not close:
         return 0
-    product_of = dict(ProductImage.objects.filter(id__in={i for pair in close for i in pair})
-                      .values_list("id", "product_id"))
-    pairs = [DuplicatePair(image_id=a, other_id=b, score=round(score, 4)) for (a, b), score in close.items()
-             if a in product_of and b in product_of and product_of[a] != product_of[b]]
+    images = {pk: (product, phash) for pk, product, phash in ProductImage.objects
+              .filter(id__in={i for pair in close for i in pair}).values_list("id", "product_id", "phash")}
+    pairs = []
+    for (a, b), score in close.items():
+        if a not in images or b not in images or images[a][0] == images[b][0]:
+            continue
+        hashes = images[a][1], images[b][1]
+        distance = hash_distance(*hashes) if None not in hashes else None
+        if score >= settings.DUPLICATE_SCORE or (distance is not None and distance <= settings.DUPLICATE_HASH_BITS):
+            pairs.append(DuplicatePair(image_id=a, other_id=b, score=round(score, 4), hash_distance=distance))
     # Counted among these images' pairs only, never over the whole table: this runs on every index update.
     known = set(DuplicatePair.objects.filter(image_id__in={pair.image_id for pair in pairs})
                 .values_list("image_id", "other_id"))

@@ -102,6 +102,8 @@ class ProductImage(models.Model):
     error = models.TextField(blank=True, default="")
     model_identity = models.CharField(max_length=100, blank=True, default="", db_index=True)
     embedding = models.BinaryField(null=True, blank=True, editable=False)
+    # 64-bit perceptual hash (ml/fingerprint.py), taken when the image is embedded: near-duplicates' second signal.
+    phash = models.BigIntegerField(null=True, blank=True, editable=False)
     labels = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -354,6 +356,8 @@ class DuplicatePair(models.Model):
     image = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="+")  # the lower id
     other = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="+")
     score = models.FloatField(help_text="cosine similarity of the two images' vectors")
+    hash_distance = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="bits apart of the two images' 64-bit perceptual hashes, where both have one")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

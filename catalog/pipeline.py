@@ -20,6 +20,7 @@ from catalog.models import ProductImage, embedding_to_bytes
 from catalog.queue import enqueue, queue_backlog
 from catalog.serving import get_embedder, served_model
 from catalog.suggestions import suggestions_after_embedding
+from ml.fingerprint import perceptual_hash
 from ml.images import ImageDecodeError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,10 @@ def images_embed(*, image_ids: list[int]) -> dict:
 
 
 def _store_embeddings(batch, result, identity: str) -> None:
-    for (image, _), vector, labels in zip(batch, result.vectors, result.labels):
+    for (image, pil), vector, labels in zip(batch, result.vectors, result.labels):
         ProductImage.objects.filter(pk=image.pk).update(
             embedding=embedding_to_bytes(vector),
+            phash=perceptual_hash(pil),
             model_identity=identity,
             labels=[{"label": label, "score": round(float(score), 4)} for label, score in labels],
             error="",

@@ -306,6 +306,10 @@ QUERY_BATCH_IMAGES = env_int("VISUALSEARCH_QUERY_BATCH_IMAGES", 8)
 INDEX_EXACT_THRESHOLD = env_int("VISUALSEARCH_INDEX_EXACT_THRESHOLD", 50_000)
 # Images of two products at least this similar (cosine) are recorded as near-duplicates (catalog/duplicates.py).
 DUPLICATE_SCORE = float(env_str("VISUALSEARCH_DUPLICATE_SCORE", "0.78"))  # docs/decisions.md
+# Below that score, a pair whose perceptual hashes (ml/fingerprint.py) are at most this many bits apart is a
+# near-duplicate too, from this score up: a much smaller copy drifts in the embedding but not in the hash.
+DUPLICATE_HASH_SCORE = float(env_str("VISUALSEARCH_DUPLICATE_HASH_SCORE", "0.65"))
+DUPLICATE_HASH_BITS = int(env_str("VISUALSEARCH_DUPLICATE_HASH_BITS", "10"))
 
 # Bulk ingest jobs (catalog/ingest.py): caps on what an upload may hold, and how the work is split.
 INGEST_MAX_MANIFEST_BYTES = env_int("VISUALSEARCH_INGEST_MAX_MANIFEST_BYTES", 100 * 1024 * 1024)

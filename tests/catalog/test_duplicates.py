@@ -55,6 +55,23 @@ def test_a_copy_under_another_product_is_found_and_unrelated_photos_are_not(staf
     assert anon.get("/api/duplicates/").status_code == 401 and shopper.get("/api/duplicates/").status_code == 403
 
 
+def test_a_much_smaller_copy_is_found_by_its_perceptual_hash(staff, photo, settings):
+    """A thumbnail of a small product photo drifts in the embedding (it is upsampled before the network sees
+    it) below the score that pairs on its own (set above the pair's, so that only the hash can pair them);
+    the two images' perceptual hashes still agree, so it is paired, and unrelated photos are not."""
+    settings.DUPLICATE_SCORE = 0.9
+    add("COFFEE", photo("coffee", size=(128, 85)))
+    add("CAT", photo("chelsea"))
+    add("ROCKET", photo("rocket", size=(128, 85)))
+    thumbnail = Image.open(io.BytesIO(photo("coffee", size=(128, 85)))).resize((51, 34))
+    out = io.BytesIO()
+    thumbnail.save(out, format="JPEG", quality=60)
+    add("COFFEE-THUMB", out.getvalue())
+    assert groups(staff) == [["COFFEE", "COFFEE-THUMB"]]
+    pair = DuplicatePair.objects.get()
+    assert pair.score < 0.9 and pair.hash_distance <= 10, (pair.score, pair.hash_distance)
+
+
 def test_not_duplicates_is_remembered_even_when_the_images_are_indexed_again(staff, photo):
     add("COFFEE", photo("coffee"))
     _, copy = add("COFFEE-COPY", altered(photo("coffee")))
