@@ -85,6 +85,25 @@ def test_corrupt_file_is_refused(flat, tmp_path):
         load_index(tmp_path)
 
 
+def test_readers_check_a_base_by_size_but_leave_hashing_it_to_the_writer(flat, tmp_path, monkeypatch):
+    """Searching processes do not read a whole base again to hash it (gigabytes per compaction at 1M); a
+    truncated base is still refused by a reader, and a corrupt one by the writer."""
+    save_index(flat[0], tmp_path)
+    hashed = []
+    real = ml.index_base.file_sha256
+    monkeypatch.setattr(ml.index_base, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    assert len(IndexReader(tmp_path, check_interval=0).current()) == 500 and hashed == []
+    path = base_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="corrupt"):
+        IndexWriter(tmp_path, IDENTITY, DIM).current()
+    os.truncate(path, path.stat().st_size // 3)
+    with pytest.raises(IndexFileError, match="truncated"):
+        IndexReader(tmp_path, check_interval=0).current()
+
+
 def test_truncated_file_is_refused(flat, tmp_path):
     save_index(flat[0], tmp_path)
     path = base_file(tmp_path)
