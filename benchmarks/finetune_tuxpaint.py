@@ -6,9 +6,9 @@ The 796 PNG stamps of Debian's tuxpaint-stamps-default become 796 products (one 
 embedded catalog (SQLite, tasks in-process), their category the stamp's top folder (16 categories), hidden
 for 30 % of the products (by a seeded hash). Every image is embedded by the offline model (EfficientNet-Lite0,
 ImageNet weights), then `manage.py evaluate` measures it, and `manage.py finetune` fine-tunes it with the
-CPU recipe (docs/finetuning.md), embeds every image into the candidate's shadow index, evaluates both models
-on the same queries and promotes the candidate only if it wins. Prints the figures, the times and the
-decision.
+CPU recipe (docs/finetuning.md; the share of fine-tuned weights chosen on photos of its own), embeds every
+image into the candidate's shadow index, evaluates both models on the same queries and promotes the
+candidate only if it wins. Prints the figures, the times and the decision.
 """
 from __future__ import annotations
 
@@ -83,6 +83,11 @@ def main() -> None:
     print(f"fine-tuning, shadow index, evaluation and decision: {seconds / 60:.1f} min "
           f"(training {training.get('seconds', 0) / 60:.1f} min, {len(training.get('epochs', []))} epochs, "
           f"{training['epochs'][-1]['images_per_s']:.1f} images/s)" if training.get("epochs") else "", flush=True)
+    mix = version.decision.get("mix")
+    if mix:
+        print(f"mix chosen: {mix['chosen']:g} of the fine-tuned weights; search recall@1 of each share on the "
+              f"selection photos (not the evaluation's): {mix['recall_at_1']} ({mix['queries']} queries, "
+              f"{mix['seconds']} s)", flush=True)
     for name, metrics in (("ImageNet model", version.compared_metrics), ("fine-tuned", version.metrics)):
         search, categories = metrics["search"], metrics["categories"]
         print(f"{name:>15}: search recall@1 {search['recall_at_1']:.3f}, recall@10 {search['recall_at_10']:.3f}, "

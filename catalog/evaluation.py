@@ -6,7 +6,7 @@ products for the category figures. The serving model's vectors are the database'
 in its vector store. Results are stored on the model's row with an HTML report.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from django.conf import settings
@@ -62,6 +62,15 @@ def catalog_images() -> CatalogImages:
         category_of=categories,
         files={r[0]: r[2] for r in rows},
     )
+
+
+def catalog_sample(catalog: CatalogImages, products: int) -> CatalogImages:
+    """The images of at most ``products`` of the catalog's products, drawn with a fixed seed."""
+    unique = np.unique(catalog.product_ids)
+    if len(unique) <= products:
+        return catalog
+    keep = np.isin(catalog.product_ids, np.random.default_rng(0).choice(unique, products, replace=False))
+    return replace(catalog, image_ids=catalog.image_ids[keep], product_ids=catalog.product_ids[keep])
 
 
 def _category_paths():

@@ -19,12 +19,20 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from catalog.evaluation import catalog_images, evaluate, evaluation_report, load_catalog_image
+from catalog.evaluation import (
+    catalog_images,
+    catalog_sample,
+    evaluate,
+    evaluation_report,
+    load_catalog_image,
+    query_vectors,
+)
 from catalog.model_versions import model_directory, model_promote, serving_version, vector_store
 from catalog.models import ModelVersion
 from catalog.queue import enqueue, queue_check
 from catalog.serving import get_embedder
-from ml.catalog_eval import held_out
+from ml.augment import cluttered_backgrounds
+from ml.catalog_eval import CatalogVectors, held_out, query_plan, rank_products, search_metrics
 from ml.files import file_sha256
 from ml.index_build import build_base
 from ml.index_store import IndexWriter, index_directory
@@ -34,6 +42,8 @@ Status = ModelVersion.Status
 EMBED_CHUNK = 256  # images per vector-store chunk while embedding every image
 TRAIN_DECODE_SIDE = 448
 MAX_ATTEMPTS = 3
+MIX_SALT = "visualsearch-mix-selection-1"  # not the evaluation's: the mix is chosen on photos it never shows
+MIX_SAMPLE_PRODUCTS = 3000
 
 
 def finetune_start(*, epochs: int | None = None, created_by=None, config=None) -> ModelVersion:
@@ -124,14 +134,68 @@ def _train(version: ModelVersion) -> None:
                                        "loss": round(p.loss, 4), "images_per_s": round(p.images_per_s, 1),
                                        "seconds_left": round(p.seconds_left)})
 
-    history = finetune(backbone=version.backbone, weights=version.weights, images=images,
-                       out=directory / "weights.pth", config=config, device=embedder.device,
-                       state_path=directory / "training-state.pt", on_progress=progress)
     weights = directory / "weights.pth"
+    history = finetune(backbone=version.backbone, weights=version.weights, images=images, out=weights,
+                       config=config, device=embedder.device, state_path=directory / "training-state.pt",
+                       on_progress=progress, finetuned_out=directory / "finetuned.pth")
+    training = {**history, "seconds": round(time.monotonic() - started)}
+    mix = _choose_mix(version, directory, config, embedder.device) if config.mix_choices else None
     identity = f"{version.backbone}:{file_sha256(weights)[:12]}"
     _update(version, status=Status.EMBEDDING, weights=str(weights), identity=identity, epochs=config.epochs,
             progress={"stage": "embedding", "done": 0, "total": len(catalog.image_ids)},
-            decision={**version.decision, "training": {**history, "seconds": round(time.monotonic() - started)}})
+            decision={**version.decision, "training": training, **({"mix": mix} if mix else {})})
+
+
+def _choose_mix(version: ModelVersion, directory, config, device: str) -> dict:
+    """Which share of the fine-tuned weights to keep (WiSE-FT), chosen on shopper-like photos of their own.
+
+    Each of ``config.mix_choices`` is written as a checkpoint and measured by search recall@1 on a sample
+    of the catalog, with queries of another salt than the evaluation's: photos made with other seeds, of
+    products drawn by another hash.
+    The evaluation that decides the promotion never sees these photos, so the choice does not flatter it.
+    The best share is written to ``weights.pth``; a tie goes to the share nearest ``config.interpolation``."""
+    from ml.embedder import load_embedder
+    from ml.finetune import write_mix
+
+    catalog = catalog_sample(catalog_images(), MIX_SAMPLE_PRODUCTS)
+    plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())), salt=MIX_SALT)
+    backgrounds = cluttered_backgrounds()
+    product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
+    started, recall = time.monotonic(), {}
+    for number, share in enumerate(config.mix_choices):
+        _update(version, progress={"stage": "choosing the mix", "done": number, "total": len(config.mix_choices)})
+        path = directory / f"mix-{share:g}.pth"
+        write_mix(backbone=version.backbone, weights=version.weights, finetuned=directory / "finetuned.pth",
+                  share=share, out=path)
+        model = load_embedder(version.backbone, path, device=device, precision="fp32", engine="torch")
+        ids, vectors = [], []
+        for start in range(0, len(catalog.image_ids), EMBED_CHUNK):
+            pictures = _readable(catalog, catalog.image_ids[start:start + EMBED_CHUNK].tolist())
+            if pictures:
+                ids += list(pictures)
+                vectors.append(model.embed(list(pictures.values())).vectors)
+        found = CatalogVectors(np.array(ids, np.int64), np.array([product_of[pk] for pk in ids], np.int64),
+                               np.concatenate(vectors))
+        queries = query_vectors(model, plan, catalog, backgrounds)
+        recall[share] = search_metrics(rank_products(found, plan, queries), plan, {})["recall_at_1"]
+    chosen = max(config.mix_choices, key=lambda share: (recall[share], -abs(share - config.interpolation)))
+    (directory / f"mix-{chosen:g}.pth").replace(directory / "weights.pth")
+    for share in config.mix_choices:
+        (directory / f"mix-{share:g}.pth").unlink(missing_ok=True)
+    logger.info("fine-tuned model %s keeps %g of its fine-tuned weights: recall@1 %s", version.pk, chosen, recall)
+    return {"chosen": chosen, "recall_at_1": {f"{share:g}": round(value, 4) for share, value in recall.items()},
+            "queries": len(plan), "images": len(catalog.image_ids), "seconds": round(time.monotonic() - started)}
+
+
+def _readable(catalog, image_ids: list[int]) -> dict:
+    """{image id: image} of those that still decode; one that does not is left out, as the pipeline fails it."""
+    pictures = {}
+    for image_id in image_ids:
+        try:
+            pictures[image_id] = load_catalog_image(catalog.files[image_id])
+        except Exception:
+            logger.warning("image %s cannot be read for the fine-tuned model; left out", image_id, exc_info=True)
+    return pictures
 
 
 def _embed_everything(version: ModelVersion) -> None:
@@ -143,15 +207,9 @@ def _embed_everything(version: ModelVersion) -> None:
     done = len(catalog.image_ids) - len(remaining)
     for start in range(0, len(remaining), EMBED_CHUNK):
         ids = remaining[start:start + EMBED_CHUNK]
-        pictures, kept = [], []
-        for image_id in ids.tolist():
-            try:
-                pictures.append(load_catalog_image(catalog.files[image_id]))
-                kept.append(image_id)
-            except Exception:  # a file that no longer decodes is left out, as the pipeline fails it
-                logger.warning("image %s cannot be read for the shadow index; left out", image_id, exc_info=True)
-        if kept:
-            store.append(np.array(kept, dtype=np.int64), embedder.embed(pictures).vectors)
+        pictures = _readable(catalog, ids.tolist())
+        if pictures:
+            store.append(np.array(list(pictures), dtype=np.int64), embedder.embed(list(pictures.values())).vectors)
         done += len(ids)
         _update(version, progress={"stage": "embedding", "done": done, "total": len(catalog.image_ids)})
     count = store.count()

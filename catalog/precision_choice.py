@@ -10,13 +10,19 @@ in GET /api/models/{id}/) and in INDEX_DIR/precision.json, which every process's
 Without such an evaluation "auto" stays fp32 (docs/decisions.md).
 """
 import logging
-from dataclasses import replace
 
 import numpy as np
 from django.conf import settings
 from django.utils import timezone
 
-from catalog.evaluation import CatalogImages, catalog_images, category_figures, load_catalog_image, query_vectors
+from catalog.evaluation import (
+    CatalogImages,
+    catalog_images,
+    catalog_sample,
+    category_figures,
+    load_catalog_image,
+    query_vectors,
+)
 from catalog.models import ModelVersion
 from catalog.selectors import stored_image_bytes
 from catalog.serving import get_embedder, write_chosen_precision
@@ -60,7 +66,7 @@ def candidates() -> tuple[str, ...]:
 
 
 def compare(version: ModelVersion) -> dict:
-    catalog = _sample(catalog_images())
+    catalog = catalog_sample(catalog_images(), SAMPLE_PRODUCTS)
     plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())))
     backgrounds = cluttered_backgrounds()
     spec = {"backbone": version.backbone, "weights": version.weights}
@@ -129,15 +135,5 @@ def _aligned(vectors: dict, name: str) -> np.ndarray:
     return np.stack([vectors[name].vectors[row_of[pk]] for pk in vectors["fp32"].image_ids.tolist()])
 
 
-def _sample(catalog: CatalogImages) -> CatalogImages:
-    products = np.unique(catalog.product_ids)
-    if len(products) <= SAMPLE_PRODUCTS:
-        return catalog
-    chosen = np.random.default_rng(0).choice(products, SAMPLE_PRODUCTS, replace=False)
-    keep = np.isin(catalog.product_ids, chosen)
-    return replace(catalog, image_ids=catalog.image_ids[keep], product_ids=catalog.product_ids[keep])
-
-
 def _progress(version: ModelVersion, stage: str) -> None:
     ModelVersion.objects.filter(pk=version.pk).update(progress={"stage": stage})
-

@@ -55,6 +55,9 @@ class FinetuneConfig:
     # et al. 2022): 1.0 is the fine-tuned model alone. Mixing keeps the starting model's robustness to
     # photos unlike the training views, which a small catalog's few epochs otherwise wear away.
     interpolation: float = 0.5
+    # Where the service chooses the mix itself (catalog/finetuning.py): these shares are each measured on
+    # shopper-like photos other than the evaluation's, and the best one is kept; empty: ``interpolation``.
+    mix_choices: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 def default_config(backbone: str, device: str | torch.device, epochs: int | None = None) -> FinetuneConfig:
@@ -79,11 +82,12 @@ class Progress:
 
 def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, config: FinetuneConfig,
              device: str | torch.device | None = None, state_path: Path | None = None,
-             on_progress: Callable[[Progress], None] | None = None) -> dict:
+             on_progress: Callable[[Progress], None] | None = None, finetuned_out: Path | None = None) -> dict:
     """Fine-tune ``backbone`` from ``weights`` on ``images`` and write the checkpoint to ``out``.
 
     Returns the history ({"epochs": [{"epoch", "loss", "images_per_s", "seconds"}], "categories"}). With
-    ``state_path``, the state after each epoch is kept there and a later call resumes from it.
+    ``state_path``, the state after each epoch is kept there and a later call resumes from it. With
+    ``finetuned_out``, the fine-tuned weights before any mix are written there too (for ``write_mix``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -181,10 +185,25 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
                                   "history": history, "epoch": epoch + 1}, state_path)
 
     setattr(model, classifier_name, classifier.to(device))
+    if finetuned_out is not None:
+        _save_atomically(_cpu_state(model), finetuned_out)
     if config.interpolation < 1.0:
         _interpolate(model, build_with_weights(backbone, weights)[0], config.interpolation)
-    _save_atomically({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}, out)
+    _save_atomically(_cpu_state(model), out)
     return history
+
+
+def write_mix(*, backbone: str, weights, finetuned: Path, share: float, out: Path) -> None:
+    """Write the checkpoint that is ``share`` of the ``finetuned`` weights and ``1 - share`` of the ``weights``
+    they started from (WiSE-FT), without training again."""
+    model = build_with_weights(backbone, weights)[0]
+    model.load_state_dict(torch.load(finetuned, map_location="cpu", weights_only=True))
+    _interpolate(model, build_with_weights(backbone, weights)[0], share)
+    _save_atomically(_cpu_state(model), out)
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
 
 
 def _step(model, head, optimizer, scaler, pixels, mean, std, labels, categories, config, device) -> float:

@@ -68,8 +68,18 @@ class ComparedModel(serializers.Serializer):
     metrics = Figures(allow_null=True, help_text="on the same queries and held-out products")
 
 
+class MixChoice(serializers.Serializer):
+    chosen = serializers.FloatField(help_text="the share of the fine-tuned weights kept (the rest: the starting model's)")
+    recall_at_1 = serializers.DictField(child=serializers.FloatField(),
+                                        help_text="search recall@1 of each share tried, on photos the evaluation never uses")
+    queries = serializers.IntegerField()
+    images = serializers.IntegerField()
+    seconds = serializers.IntegerField()
+
+
 class ModelOutput(serializers.ModelSerializer):
     progress = serializers.SerializerMethodField()
+    mix = serializers.SerializerMethodField()
     metrics = serializers.SerializerMethodField()
     compared_with = serializers.SerializerMethodField()
     decision = serializers.SerializerMethodField()
@@ -81,7 +91,7 @@ class ModelOutput(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
         fields = ["id", "identity", "backbone", "status", "progress", "metrics", "compared_with", "decision",
-                  "precision", "error", "created_at", "finished_at"]
+                  "mix", "precision", "error", "created_at", "finished_at"]
 
     @extend_schema_field(Progress)
     def get_progress(self, version: ModelVersion) -> dict:
@@ -98,6 +108,10 @@ class ModelOutput(serializers.ModelSerializer):
             return None
         return {"id": other.pk, "identity": other.identity, "backbone": other.backbone,
                 "metrics": figures(version.compared_metrics)}
+
+    @extend_schema_field(MixChoice(allow_null=True))
+    def get_mix(self, version: ModelVersion) -> dict | None:
+        return version.decision.get("mix")
 
     @extend_schema_field(serializers.CharField(allow_blank=True))
     def get_decision(self, version: ModelVersion) -> str:

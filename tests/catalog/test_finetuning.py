@@ -11,7 +11,7 @@ from PIL import Image
 
 from catalog import finetuning, search, services, serving
 from catalog.finetuning import finetune_start
-from catalog.model_versions import model_rollback, serving_version, vector_store
+from catalog.model_versions import model_directory, model_rollback, serving_version, vector_store
 from catalog.models import ModelVersion, ProductImage
 from ml.catalog_eval import held_out
 from ml.finetune import FinetuneConfig
@@ -92,6 +92,11 @@ def test_a_fine_tune_goes_through_every_status_and_is_promoted_when_it_wins(staf
     assert detail["status"] == "serving" and detail["compared_with"]["id"] == old.pk
     assert set(detail["metrics"]) == {"search", "categories"} and detail["compared_with"]["metrics"]["search"]
     assert detail["decision"] == "better (as this test decides)"
+    mix = detail["mix"]  # the share of fine-tuned weights, chosen on photos of its own
+    assert set(mix["recall_at_1"]) == {"0.25", "0.5", "0.75"} and mix["chosen"] in (0.25, 0.5, 0.75)
+    assert mix["recall_at_1"][f"{mix['chosen']:g}"] == max(mix["recall_at_1"].values())
+    assert mix["queries"] == mix["images"] == len(images)
+    assert sorted(path.name for path in model_directory(version).glob("*.pth")) == ["finetuned.pth", "weights.pth"]
 
     back = model_rollback(version=ModelVersion.objects.get(pk=version.pk))
     assert back.pk == old.pk and back.status == "serving"

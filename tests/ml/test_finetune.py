@@ -11,7 +11,7 @@ from PIL import Image
 from ml.augment import EVALUATION_FAMILIES, TRAINING_FAMILIES, shopper_photo, training_view
 from ml.backbones import build_with_weights
 from ml.embedder import load_embedder
-from ml.finetune import FinetuneConfig, TrainingImage, finetune
+from ml.finetune import FinetuneConfig, TrainingImage, finetune, write_mix
 from tests.ml.photos import crops
 
 TINY = FinetuneConfig(epochs=2, products_per_batch=4, image_size=64)
@@ -68,6 +68,21 @@ def test_the_checkpoint_is_the_stated_mix_of_the_fine_tuned_and_the_starting_wei
     assert not torch.allclose(alone[name], start[name]), "the weights moved"
     assert torch.allclose(mixed[name], (alone[name] + start[name]) / 2, atol=1e-5)
     assert torch.equal(mixed["conv_stem.weight"], start["conv_stem.weight"])  # frozen: the same in all three
+
+
+def test_a_mix_written_afterwards_equals_the_mix_trained_for(tmp_path):
+    """The service tries several mixes of one training: ``write_mix`` from the unmixed weights gives what a
+    training for that share would have written."""
+    torch.manual_seed(0)
+    finetune(backbone="efficientnet_lite0", weights="random", images=catalog(8), out=tmp_path / "trained.pth",
+             config=FinetuneConfig(epochs=1, products_per_batch=4, image_size=64, interpolation=0.25),
+             finetuned_out=tmp_path / "finetuned.pth")
+    write_mix(backbone="efficientnet_lite0", weights="random", finetuned=tmp_path / "finetuned.pth", share=0.25,
+              out=tmp_path / "mixed.pth")
+    trained, mixed = (torch.load(tmp_path / name, weights_only=True) for name in ("trained.pth", "mixed.pth"))
+    assert trained.keys() == mixed.keys()
+    for name in trained:
+        assert torch.allclose(trained[name].float(), mixed[name].float(), atol=1e-6), name
 
 
 def test_a_training_killed_after_its_first_epoch_resumes_from_it(tmp_path):
