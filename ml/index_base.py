@@ -258,8 +258,7 @@ class BaseIndex:
             codes = faiss.read_index(str(paths["codes"]), faiss.IO_FLAG_MMAP_IFC)
             # The candidate stage's inverted lists are memory-mapped too (read-only on-disk lists), so that
             # each searching process does not hold its own copy of them.
-            candidates = (faiss.read_index(str(paths["candidates"]), faiss.IO_FLAG_MMAP)
-                          if "candidates" in paths else None)
+            candidates = _read_mapped(paths["candidates"]) if "candidates" in paths else None
         except (OSError, RuntimeError, ValueError) as exc:
             raise IndexFileError(f"the index files in {directory} are corrupt ({exc}); {REBUILD_HINT}") from exc
         count = int(entry["count"])
@@ -279,6 +278,16 @@ class BaseIndex:
             trained_count=int(entry.get("trained_count", 0)), trained_residual=float(entry.get("trained_residual", 0)),
             candidates_file=paths.get("candidates"),
         )
+
+def _read_mapped(path: Path) -> faiss.Index:
+    """An IVF index whose inverted lists stay in the file, mapped read-only. faiss would start up to 32
+    threads per search to read the probed lists ahead; the pages are shared and mostly resident, so none."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if hasattr(lists, "prefetch_nthread"):  # the read-only on-disk lists faiss maps
+        lists.prefetch_nthread = 0
+    return index
+
 
 def _write_faiss(f, index: faiss.Index) -> None:
     faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
