@@ -218,9 +218,10 @@ def main() -> None:
           f"recall@10 self-check {quality['recall_at_10']:.3f} (target {quality['target']}); {quality['note']}",
           flush=True)
 
-    # Memory for the same traffic: one process serves the 800 searches that four serve together (200 each),
-    # so both touch the same pages of the shared files and the difference is what each process holds alone.
-    # (Had the one served only 200, the four's extra pages read from the files would count as copies.)
+    # Memory for the same traffic: one process serves 800 searches (seeds 0-3); then three more serve 200 each
+    # (seeds 1-3), a subset of the same, so the four touch the same pages of the shared files as the one did and
+    # the difference is what each process holds alone. (Had the one served only its own 200, the pages the
+    # others read from the files would count as copies.)
     searchers = [Searcher(directory, vectors_path, fresh_path)]
     for seed in range(4):
         searchers[0].ask(do="warm", searches=200, seed=seed)

@@ -137,54 +137,72 @@ def _train(version: ModelVersion) -> None:
     weights = directory / "weights.pth"
     history = finetune(backbone=version.backbone, weights=version.weights, images=images, out=weights,
                        config=config, device=embedder.device, state_path=directory / "training-state.pt",
-                       on_progress=progress, finetuned_out=directory / "finetuned.pth")
+                       on_progress=progress, finetuned_out=directory / "finetuned.pth" if config.mix_choices else None)
     training = {**history, "seconds": round(time.monotonic() - started)}
     mix = _choose_mix(version, directory, config, embedder.device) if config.mix_choices else None
     identity = f"{version.backbone}:{file_sha256(weights)[:12]}"
     _update(version, status=Status.EMBEDDING, weights=str(weights), identity=identity, epochs=config.epochs,
             progress={"stage": "embedding", "done": 0, "total": len(catalog.image_ids)},
             decision={**version.decision, "training": training, **({"mix": mix} if mix else {})})
+    # A resumed training writes it again from its last state; past this point nothing needs it.
+    (directory / "finetuned.pth").unlink(missing_ok=True)
 
 
 def _choose_mix(version: ModelVersion, directory, config, device: str) -> dict:
     """Which share of the fine-tuned weights to keep (WiSE-FT), chosen on shopper-like photos of their own.
 
     Each of ``config.mix_choices`` is written as a checkpoint and measured by search recall@1 on a sample
-    of the catalog, with queries of another salt than the evaluation's: photos made with other seeds, of
-    products drawn by another hash.
-    The evaluation that decides the promotion never sees these photos, so the choice does not flatter it.
-    The best share is written to ``weights.pth``; a tie goes to the share nearest ``config.interpolation``."""
+    of the catalog, with queries of another salt than the evaluation's: photos made with other seeds (of
+    mostly the same products on a small catalog). The evaluation that decides the promotion never sees
+    these photos, so the choice does not flatter it. The best share is written to ``weights.pth``; a tie
+    goes to the share nearest ``config.interpolation``. If the choice cannot be made (an image that no
+    longer decodes among the queries' sources, say), ``config.interpolation``'s mix stays, and why is said."""
     from ml.embedder import load_embedder
     from ml.finetune import write_mix
 
+    started, recall = time.monotonic(), {}
     catalog = catalog_sample(catalog_images(), MIX_SAMPLE_PRODUCTS)
     plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())), salt=MIX_SALT)
-    backgrounds = cluttered_backgrounds()
     product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
-    started, recall = time.monotonic(), {}
-    for number, share in enumerate(config.mix_choices):
-        _update(version, progress={"stage": "choosing the mix", "done": number, "total": len(config.mix_choices)})
-        path = directory / f"mix-{share:g}.pth"
-        write_mix(backbone=version.backbone, weights=version.weights, finetuned=directory / "finetuned.pth",
-                  share=share, out=path)
-        model = load_embedder(version.backbone, path, device=device, precision="fp32", engine="torch")
-        ids, vectors = [], []
-        for start in range(0, len(catalog.image_ids), EMBED_CHUNK):
-            pictures = _readable(catalog, catalog.image_ids[start:start + EMBED_CHUNK].tolist())
-            if pictures:
-                ids += list(pictures)
-                vectors.append(model.embed(list(pictures.values())).vectors)
-        found = CatalogVectors(np.array(ids, np.int64), np.array([product_of[pk] for pk in ids], np.int64),
-                               np.concatenate(vectors))
-        queries = query_vectors(model, plan, catalog, backgrounds)
-        recall[share] = search_metrics(rank_products(found, plan, queries), plan, {})["recall_at_1"]
-    chosen = max(config.mix_choices, key=lambda share: (recall[share], -abs(share - config.interpolation)))
-    (directory / f"mix-{chosen:g}.pth").replace(directory / "weights.pth")
-    for share in config.mix_choices:
-        (directory / f"mix-{share:g}.pth").unlink(missing_ok=True)
+    total = len(config.mix_choices) * (len(catalog.image_ids) + len(plan))
+
+    def progress(done: int) -> None:  # also the heartbeat that tells the sweep this training is alive
+        _update(version, progress={"stage": "choosing the mix", "done": done, "total": total})
+
+    try:
+        backgrounds = cluttered_backgrounds()
+        for number, share in enumerate(config.mix_choices):
+            done = number * (len(catalog.image_ids) + len(plan))
+            progress(done)
+            path = directory / f"mix-{share:g}.pth"
+            write_mix(backbone=version.backbone, weights=version.weights, finetuned=directory / "finetuned.pth",
+                      share=share, out=path)
+            model = load_embedder(version.backbone, path, device=device, precision="fp32", engine="torch")
+            ids, vectors = [], []
+            for first in range(0, len(catalog.image_ids), EMBED_CHUNK):
+                pictures = _readable(catalog, catalog.image_ids[first:first + EMBED_CHUNK].tolist())
+                if pictures:
+                    ids += list(pictures)
+                    vectors.append(model.embed(list(pictures.values())).vectors)
+                progress(done + min(first + EMBED_CHUNK, len(catalog.image_ids)))
+            found = CatalogVectors(np.array(ids, np.int64), np.array([product_of[pk] for pk in ids], np.int64),
+                                   np.concatenate(vectors))
+            done += len(catalog.image_ids)
+            queries = query_vectors(model, plan, catalog, backgrounds, on_progress=lambda n, done=done: progress(done + n))
+            recall[share] = search_metrics(rank_products(found, plan, queries), plan, {})["recall_at_1"]
+        chosen = max(recall, key=lambda share: (recall[share], -abs(share - config.interpolation)))
+        (directory / f"mix-{chosen:g}.pth").replace(directory / "weights.pth")
+    except Exception as exc:  # the choice is a refinement: without it the recipe's own mix is kept
+        logger.warning("fine-tuned model %s keeps the mix %g: the choice failed", version.pk, config.interpolation,
+                       exc_info=True)
+        return {"chosen": config.interpolation, "recall_at_1": {}, "queries": len(plan), "images": 0,
+                "seconds": round(time.monotonic() - started), "error": f"the mix could not be chosen: {exc}"}
+    finally:
+        for share in config.mix_choices:
+            (directory / f"mix-{share:g}.pth").unlink(missing_ok=True)
     logger.info("fine-tuned model %s keeps %g of its fine-tuned weights: recall@1 %s", version.pk, chosen, recall)
     return {"chosen": chosen, "recall_at_1": {f"{share:g}": round(value, 4) for share, value in recall.items()},
-            "queries": len(plan), "images": len(catalog.image_ids), "seconds": round(time.monotonic() - started)}
+            "queries": len(plan), "images": len(ids), "seconds": round(time.monotonic() - started), "error": ""}
 
 
 def _readable(catalog, image_ids: list[int]) -> dict:

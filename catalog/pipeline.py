@@ -97,6 +97,31 @@ def _store_embeddings(batch, result, identity: str) -> None:
         )
 
 
+HASH_DECODE_SIDE = 256  # the hash looks at 32 x 32 pixels: any decode this large gives the same bits
+HASH_BATCH = 500
+
+
+def images_fill_hashes(*, on_progress=None) -> dict:
+    """Perceptual hashes for the images that have none (embedded before hashes were taken, or whose vectors a
+    promotion copied in): near-duplicates' second signal then applies to them too. Resumable: it only ever
+    looks at images without one. Returns {"hashed", "unreadable"}."""
+    pending = ProductImage.objects.filter(phash__isnull=True).exclude(status=Status.FAILED)
+    total, hashed, unreadable, last = pending.count(), 0, 0, 0
+    while batch := list(pending.filter(id__gt=last).order_by("id")[:HASH_BATCH]):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            decoded = pool.map(lambda img: _try(lambda: _read_and_decode(img, HASH_DECODE_SIDE)), batch)
+            for image, (pil, error) in zip(batch, decoded):
+                if error is None:
+                    ProductImage.objects.filter(pk=image.pk).update(phash=perceptual_hash(pil))
+                    hashed += 1
+                else:
+                    unreadable += 1
+        last = batch[-1].pk
+        if on_progress:
+            on_progress(hashed + unreadable, total)
+    return {"hashed": hashed, "unreadable": unreadable}
+
+
 def _try(fn):
     try:
         return fn(), None

@@ -59,6 +59,12 @@ class FinetuneConfig:
     # shopper-like photos other than the evaluation's, and the best one is kept; empty: ``interpolation``.
     mix_choices: tuple[float, ...] = (0.25, 0.5, 0.75)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mix_choices", tuple(float(share) for share in self.mix_choices))  # JSON: a list
+        for share in (self.interpolation, *self.mix_choices):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"a mix of fine-tuned weights is a share from 0 to 1, got {share}")
+
 
 def default_config(backbone: str, device: str | torch.device, epochs: int | None = None) -> FinetuneConfig:
     """The recipe's settings for a device: fewer epochs and more frozen stages on a CPU (docs/finetuning.md)."""

@@ -49,6 +49,7 @@ def isolated_data(settings, tmp_path):
     settings.INDEX_DIR = tmp_path / "index"
     settings.CATEGORIZER_DIR = tmp_path / "categorizer"
     settings.REPORTS_DIR = tmp_path / "reports"
+    settings.MODELS_DIR = tmp_path / "models"  # fine-tuned checkpoints and their training states
     process_cache.clear_all()
     yield tmp_path
     process_cache.clear_all()

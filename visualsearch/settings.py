@@ -309,7 +309,7 @@ DUPLICATE_SCORE = float(env_str("VISUALSEARCH_DUPLICATE_SCORE", "0.78"))  # docs
 # Below that score, a pair whose perceptual hashes (ml/fingerprint.py) are at most this many bits apart is a
 # near-duplicate too, from this score up: a much smaller copy drifts in the embedding but not in the hash.
 DUPLICATE_HASH_SCORE = float(env_str("VISUALSEARCH_DUPLICATE_HASH_SCORE", "0.65"))
-DUPLICATE_HASH_BITS = int(env_str("VISUALSEARCH_DUPLICATE_HASH_BITS", "10"))
+DUPLICATE_HASH_BITS = env_int("VISUALSEARCH_DUPLICATE_HASH_BITS", 10)
 
 # Bulk ingest jobs (catalog/ingest.py): caps on what an upload may hold, and how the work is split.
 INGEST_MAX_MANIFEST_BYTES = env_int("VISUALSEARCH_INGEST_MAX_MANIFEST_BYTES", 100 * 1024 * 1024)

@@ -75,6 +75,7 @@ class MixChoice(serializers.Serializer):
     queries = serializers.IntegerField()
     images = serializers.IntegerField()
     seconds = serializers.IntegerField()
+    error = serializers.CharField(allow_blank=True, help_text="why the recipe's own mix was kept, if it was")
 
 
 class ModelOutput(serializers.ModelSerializer):

@@ -5,11 +5,12 @@ import io
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
 from PIL import Image, ImageEnhance
 
 from catalog import services
 from catalog.duplicates import duplicate_dismiss, duplicate_merge
-from catalog.models import DuplicatePair, Product
+from catalog.models import DuplicatePair, Product, ProductImage
 from tests.catalog.ingest_files import make_csv, make_zip, run_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -70,6 +71,20 @@ def test_a_much_smaller_copy_is_found_by_its_perceptual_hash(staff, photo, setti
     assert groups(staff) == [["COFFEE", "COFFEE-THUMB"]]
     pair = DuplicatePair.objects.get()
     assert pair.score < 0.9 and pair.hash_distance <= 10, (pair.score, pair.hash_distance)
+
+
+def test_images_embedded_before_hashes_were_taken_get_them_from_hash_images(photo):
+    _, coffee = add("COFFEE", photo("coffee"))
+    _, cat = add("CAT", photo("chelsea"))
+    taken = dict(ProductImage.objects.values_list("id", "phash"))
+    assert None not in taken.values(), "embedding takes the hash"
+    ProductImage.objects.update(phash=None)  # as a catalog embedded before this release
+    out = io.StringIO()
+    call_command("hash_images", stdout=out)
+    assert "2 images hashed; 0 could not be read" in out.getvalue()
+    assert dict(ProductImage.objects.values_list("id", "phash")) == taken
+    call_command("hash_images", stdout=out)  # nothing left to do
+    assert "0 images hashed" in out.getvalue().splitlines()[-1]
 
 
 def test_not_duplicates_is_remembered_even_when_the_images_are_indexed_again(staff, photo):

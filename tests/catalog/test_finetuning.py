@@ -15,9 +15,12 @@ from catalog.model_versions import model_directory, model_rollback, serving_vers
 from catalog.models import ModelVersion, ProductImage
 from ml.catalog_eval import held_out
 from ml.finetune import FinetuneConfig
+from ml.images import ImageDecodeError
 from tests.ml.photos import crops
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Ids from 1 whatever ran before: the held-out split is a hash of the product id, and this tiny catalog
+# needs held-out products in two categories.
+pytestmark = pytest.mark.django_db(transaction=True, reset_sequences=True)
 TINY = FinetuneConfig(epochs=1, products_per_batch=6, image_size=64)
 CATEGORIES = ("animals", "drinks", "vehicles")
 
@@ -96,13 +99,28 @@ def test_a_fine_tune_goes_through_every_status_and_is_promoted_when_it_wins(staf
     assert set(mix["recall_at_1"]) == {"0.25", "0.5", "0.75"} and mix["chosen"] in (0.25, 0.5, 0.75)
     assert mix["recall_at_1"][f"{mix['chosen']:g}"] == max(mix["recall_at_1"].values())
     assert mix["queries"] == mix["images"] == len(images)
-    assert sorted(path.name for path in model_directory(version).glob("*.pth")) == ["finetuned.pth", "weights.pth"]
+    assert mix["error"] == "" and [path.name for path in model_directory(version).glob("*.pth")] == ["weights.pth"]
 
     back = model_rollback(version=ModelVersion.objects.get(pk=version.pk))
     assert back.pk == old.pk and back.status == "serving"
     assert serving.active_index()["identity"] == old.identity == serving.get_embedder().identity.key
     assert set(ProductImage.objects.values_list("model_identity", flat=True)) == {old.identity}
     assert ModelVersion.objects.get(pk=version.pk).status == "retired"
+
+
+def test_a_mix_that_cannot_be_chosen_keeps_the_recipes_own_and_says_why(staff, monkeypatch):
+    build_catalog()
+
+    def unreadable(*args, **kwargs):
+        raise ImageDecodeError("the stored file images/x.jpg cannot be read")
+
+    monkeypatch.setattr(finetuning, "query_vectors", unreadable)  # only the mix's choice calls it from here
+    version = finetune_start(config=TINY)
+    mix = staff.get(f"/api/models/{version.pk}/").json()["mix"]
+    assert mix["chosen"] == TINY.interpolation and mix["recall_at_1"] == {}
+    assert mix["error"] == "the mix could not be chosen: the stored file images/x.jpg cannot be read"
+    version.refresh_from_db()
+    assert version.status in ("rejected", "serving") and not list(model_directory(version).glob("mix-*"))
 
 
 def test_a_fine_tune_that_cannot_win_ends_rejected_and_search_is_untouched(staff):
