@@ -19,9 +19,10 @@ from catalog.model_versions import serving_version, vector_store
 from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
 from catalog.queue import enqueue, queue_check
 from catalog.reports import write_evaluation_report
-from catalog.selectors import embedded_images, stored_image
+from catalog.selectors import embedded_images, stored_image, stored_image_bytes
 from catalog.serving import get_embedder
 from ml.augment import cluttered_backgrounds
+from ml.bulk import embed_sources
 from ml.catalog_eval import (
     CatalogVectors,
     category_metrics,
@@ -100,6 +101,17 @@ def model_vectors(version: ModelVersion, catalog: CatalogImages, serving: ModelV
     array = np.stack(vectors).astype(np.float32)
     array /= np.linalg.norm(array, axis=1, keepdims=True)
     return CatalogVectors(np.array(ids, dtype=np.int64), np.array([product_of[i] for i in ids], dtype=np.int64), array)
+
+
+def embed_catalog(model, catalog: CatalogImages, *, on_progress=None) -> tuple[CatalogVectors, float]:
+    """``model``'s vectors of the catalog's images, decoded in threads while it runs (an image that no longer
+    decodes is left out), and its images per second. ``on_progress(images done)`` after every batch."""
+    bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: stored_image_bytes(catalog.files[pk]),
+                         on_progress=on_progress and (lambda done, failed: on_progress(done + failed)))
+    product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
+    ids = np.array(bulk.sources, dtype=np.int64)
+    return (CatalogVectors(ids, np.array([product_of[i] for i in ids.tolist()], np.int64), bulk.vectors),
+            bulk.images_per_s)
 
 
 def load_catalog_image(file_name: str) -> Image.Image:

@@ -20,8 +20,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from catalog.evaluation import (
+    CatalogImages,
     catalog_images,
     catalog_sample,
+    embed_catalog,
     evaluate,
     evaluation_report,
     load_catalog_image,
@@ -32,7 +34,7 @@ from catalog.models import ModelVersion
 from catalog.queue import enqueue, queue_check
 from catalog.serving import get_embedder
 from ml.augment import cluttered_backgrounds
-from ml.catalog_eval import CatalogVectors, held_out, query_plan, rank_products, search_metrics
+from ml.catalog_eval import held_out, query_plan, rank_products, search_metrics
 from ml.files import file_sha256
 from ml.index_build import build_base
 from ml.index_store import IndexWriter, index_directory
@@ -139,7 +141,7 @@ def _train(version: ModelVersion) -> None:
                        config=config, device=embedder.device, state_path=directory / "training-state.pt",
                        on_progress=progress, finetuned_out=directory / "finetuned.pth" if config.mix_choices else None)
     training = {**history, "seconds": round(time.monotonic() - started)}
-    mix = _choose_mix(version, directory, config, embedder.device) if config.mix_choices else None
+    mix = _choose_mix(version, catalog, directory, config, embedder.device) if config.mix_choices else None
     identity = f"{version.backbone}:{file_sha256(weights)[:12]}"
     _update(version, status=Status.EMBEDDING, weights=str(weights), identity=identity, epochs=config.epochs,
             progress={"stage": "embedding", "done": 0, "total": len(catalog.image_ids)},
@@ -148,7 +150,7 @@ def _train(version: ModelVersion) -> None:
     (directory / "finetuned.pth").unlink(missing_ok=True)
 
 
-def _choose_mix(version: ModelVersion, directory, config, device: str) -> dict:
+def _choose_mix(version: ModelVersion, catalog: CatalogImages, directory, config, device: str) -> dict:
     """Which share of the fine-tuned weights to keep (WiSE-FT), chosen on shopper-like photos of their own.
 
     Each of ``config.mix_choices`` is written as a checkpoint and measured by search recall@1 on a sample
@@ -161,9 +163,8 @@ def _choose_mix(version: ModelVersion, directory, config, device: str) -> dict:
     from ml.finetune import write_mix
 
     started, recall = time.monotonic(), {}
-    catalog = catalog_sample(catalog_images(), MIX_SAMPLE_PRODUCTS)
+    catalog = catalog_sample(catalog, MIX_SAMPLE_PRODUCTS)
     plan = query_plan(list(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist())), salt=MIX_SALT)
-    product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
     total = len(config.mix_choices) * (len(catalog.image_ids) + len(plan))
 
     def progress(done: int) -> None:  # also the heartbeat that tells the sweep this training is alive
@@ -178,15 +179,7 @@ def _choose_mix(version: ModelVersion, directory, config, device: str) -> dict:
             write_mix(backbone=version.backbone, weights=version.weights, finetuned=directory / "finetuned.pth",
                       share=share, out=path)
             model = load_embedder(version.backbone, path, device=device, precision="fp32", engine="torch")
-            ids, vectors = [], []
-            for first in range(0, len(catalog.image_ids), EMBED_CHUNK):
-                pictures = _readable(catalog, catalog.image_ids[first:first + EMBED_CHUNK].tolist())
-                if pictures:
-                    ids += list(pictures)
-                    vectors.append(model.embed(list(pictures.values())).vectors)
-                progress(done + min(first + EMBED_CHUNK, len(catalog.image_ids)))
-            found = CatalogVectors(np.array(ids, np.int64), np.array([product_of[pk] for pk in ids], np.int64),
-                                   np.concatenate(vectors))
+            found, _ = embed_catalog(model, catalog, on_progress=lambda n, done=done: progress(done + n))
             done += len(catalog.image_ids)
             queries = query_vectors(model, plan, catalog, backgrounds, on_progress=lambda n, done=done: progress(done + n))
             recall[share] = search_metrics(rank_products(found, plan, queries), plan, {})["recall_at_1"]
@@ -202,18 +195,7 @@ def _choose_mix(version: ModelVersion, directory, config, device: str) -> dict:
             (directory / f"mix-{share:g}.pth").unlink(missing_ok=True)
     logger.info("fine-tuned model %s keeps %g of its fine-tuned weights: recall@1 %s", version.pk, chosen, recall)
     return {"chosen": chosen, "recall_at_1": {f"{share:g}": round(value, 4) for share, value in recall.items()},
-            "queries": len(plan), "images": len(ids), "seconds": round(time.monotonic() - started), "error": ""}
-
-
-def _readable(catalog, image_ids: list[int]) -> dict:
-    """{image id: image} of those that still decode; one that does not is left out, as the pipeline fails it."""
-    pictures = {}
-    for image_id in image_ids:
-        try:
-            pictures[image_id] = load_catalog_image(catalog.files[image_id])
-        except Exception:
-            logger.warning("image %s cannot be read for the fine-tuned model; left out", image_id, exc_info=True)
-    return pictures
+            "queries": len(plan), "images": len(found.image_ids), "seconds": round(time.monotonic() - started), "error": ""}
 
 
 def _embed_everything(version: ModelVersion) -> None:
@@ -225,9 +207,15 @@ def _embed_everything(version: ModelVersion) -> None:
     done = len(catalog.image_ids) - len(remaining)
     for start in range(0, len(remaining), EMBED_CHUNK):
         ids = remaining[start:start + EMBED_CHUNK]
-        pictures = _readable(catalog, ids.tolist())
-        if pictures:
-            store.append(np.array(list(pictures), dtype=np.int64), embedder.embed(list(pictures.values())).vectors)
+        pictures, kept = [], []
+        for image_id in ids.tolist():
+            try:
+                pictures.append(load_catalog_image(catalog.files[image_id]))
+                kept.append(image_id)
+            except Exception:  # a file that no longer decodes is left out, as the pipeline fails it
+                logger.warning("image %s cannot be read for the shadow index; left out", image_id, exc_info=True)
+        if kept:
+            store.append(np.array(kept, dtype=np.int64), embedder.embed(pictures).vectors)
         done += len(ids)
         _update(version, progress={"stage": "embedding", "done": done, "total": len(catalog.image_ids)})
     count = store.count()

@@ -20,6 +20,7 @@ from catalog.evaluation import (
     catalog_images,
     catalog_sample,
     category_figures,
+    embed_catalog,
     load_catalog_image,
     query_vectors,
 )
@@ -27,7 +28,6 @@ from catalog.models import ModelVersion
 from catalog.selectors import stored_image_bytes
 from catalog.serving import get_embedder, write_chosen_precision
 from ml.augment import cluttered_backgrounds
-from ml.bulk import embed_sources
 from ml.catalog_eval import CatalogVectors, query_plan, rank_products, search_metrics
 from ml.precision import CPU_CANDIDATES, PrecisionUnavailableError, cpu_has_native_bf16, machine_kind
 
@@ -71,7 +71,6 @@ def compare(version: ModelVersion) -> dict:
     backgrounds = cluttered_backgrounds()
     spec = {"backbone": version.backbone, "weights": version.weights}
     vectors, queries, speed, unavailable = {}, {}, {}, {}
-    product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
     for pk in catalog.image_ids.tolist():
         stored_image_bytes(catalog.files[pk])  # every precision then reads the files from the page cache alike
     for precision in ("fp32", *candidates()):
@@ -81,11 +80,8 @@ def compare(version: ModelVersion) -> dict:
             unavailable[precision] = str(exc)
             continue
         model.embed([load_catalog_image(catalog.files[pk]) for pk in catalog.image_ids[:8].tolist()])  # warm-up
-        bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: stored_image_bytes(catalog.files[pk]))
-        ids = np.array(bulk.sources, dtype=np.int64)
-        vectors[precision] = CatalogVectors(ids, np.array([product_of[i] for i in ids.tolist()], np.int64),
-                                            bulk.vectors)
-        speed[precision] = round(bulk.images_per_s, 2)
+        vectors[precision], images_per_s = embed_catalog(model, catalog)
+        speed[precision] = round(images_per_s, 2)
         queries[precision] = query_vectors(model, plan, catalog, backgrounds)
     measured = [name for name in candidates() if name in vectors]
     figures = {name: _figures(catalog, plan, vectors[name], queries[name], version.identity)

@@ -194,7 +194,7 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
     if finetuned_out is not None:
         _save_atomically(_cpu_state(model), finetuned_out)
     if config.interpolation < 1.0:
-        _interpolate(model, build_with_weights(backbone, weights)[0], config.interpolation)
+        _interpolate(model, build_with_weights(backbone, weights)[0].state_dict(), config.interpolation)
     _save_atomically(_cpu_state(model), out)
     return history
 
@@ -203,8 +203,9 @@ def write_mix(*, backbone: str, weights, finetuned: Path, share: float, out: Pat
     """Write the checkpoint that is ``share`` of the ``finetuned`` weights and ``1 - share`` of the ``weights``
     they started from (WiSE-FT), without training again."""
     model = build_with_weights(backbone, weights)[0]
+    started = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}  # not views of it
     model.load_state_dict(torch.load(finetuned, map_location="cpu", weights_only=True))
-    _interpolate(model, build_with_weights(backbone, weights)[0], share)
+    _interpolate(model, started, share)
     _save_atomically(_cpu_state(model), out)
 
 
@@ -254,9 +255,8 @@ def _freeze(model: nn.Module, backbone: str, stages: int) -> None:
 
 
 @torch.no_grad()
-def _interpolate(model: nn.Module, start: nn.Module, share: float) -> None:
-    """``model`` becomes ``share`` of itself plus ``1 - share`` of ``start`` (same architecture), in place."""
-    started = start.state_dict()
+def _interpolate(model: nn.Module, started: dict, share: float) -> None:
+    """``model`` becomes ``share`` of itself plus ``1 - share`` of the ``started`` state (same architecture), in place."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():
             tensor.mul_(share).add_(started[name].to(tensor.device, tensor.dtype), alpha=1.0 - share)
