@@ -1,10 +1,10 @@
 """Image transformations in two disjoint families: training views, and the shopper photos evaluation asks with.
 
-Fine-tuning learns from ``training_view``: crop and zoom in, mirror, saturation. Evaluation queries come
-from ``shopper_photo``: perspective, rotation, lighting and white balance, blur and noise, JPEG
-re-compression, and the product pasted small on a cluttered background. No family is in both, so a model
-cannot score well on the evaluation by having learnt its transformations (``TRAINING_FAMILIES`` and
-``EVALUATION_FAMILIES`` say which is which; a test holds them apart).
+Fine-tuning learns from ``training_view``: crop and zoom (in, and out onto a white canvas), mirror,
+saturation. Evaluation queries come from ``shopper_photo``: perspective, rotation, lighting and white
+balance, blur and noise, JPEG re-compression, and the product pasted small on a cluttered background. No
+family is in both, so a model cannot score well on the evaluation by having learnt its transformations
+(``TRAINING_FAMILIES`` and ``EVALUATION_FAMILIES`` say which is which; a test holds them apart).
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ TRAINING_FAMILIES = frozenset({"crop_zoom", "mirror", "saturation"})
 EVALUATION_FAMILIES = frozenset({"perspective", "rotation", "lighting_white_balance", "blur_noise", "jpeg", "clutter"})
 
 _WHITE = (255, 255, 255)
+# Zooming out: how often, and the product's share of the frame's side (docs/finetuning.md says why).
+ZOOM_OUT_CHANCE = 0.6
+ZOOM_OUT_SIDE = (0.35, 1.0)
 
 
 # ----- training views ---------------------------------------------------------------------------
@@ -43,6 +46,12 @@ def training_view(image: Image.Image, rng: np.random.Generator) -> tuple[Image.I
         grey = image.convert("L").convert("RGB")
         image = Image.blend(grey, image, float(rng.uniform(0.4, 1.6)))
         used.append("saturation")
+    if rng.random() < ZOOM_OUT_CHANCE:  # zoom out: the product smaller in the frame, on white as a product shot
+        side = int(max(image.size) / rng.uniform(*ZOOM_OUT_SIDE))
+        canvas = Image.new("RGB", (side, side), _WHITE)
+        corner = (int(rng.integers(0, side - image.width + 1)), int(rng.integers(0, side - image.height + 1)))
+        canvas.paste(image, corner)
+        image = canvas
     return image, used
 
 

@@ -1,9 +1,9 @@
 """Fine-tuning the classifier-embedder on a catalog: instance-level metric learning and category supervision.
 
 Each step takes ``products_per_batch`` products and two training views of each (``ml.augment``). Views of
-one product are positives and every other view a negative (a supervised-contrastive loss on the unit
-search vectors, the vectors the index holds); products with a category add a cross-entropy loss through a
-temporary linear head. Early stages stay frozen, and every batch norm keeps its ImageNet statistics
+one product are positives and every other view a negative (a supervised-contrastive loss, on a temporary
+projection of the search vectors so that they keep more than the loss asks of them); products with a
+category add a cross-entropy loss through a temporary linear head. Early stages stay frozen, and every batch norm keeps its ImageNet statistics
 (batches of a few dozen images would only add noise to them). The ImageNet classifier is put back
 unchanged, so the checkpoint loads like any weights file and one pass still gives labels.
 
@@ -48,6 +48,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.1
     category_weight: float = 0.5
+    projection: int = 256  # the contrastive loss on a temporary MLP projection this wide; 0: on the vectors
     frozen_stages: int = 4  # EfficientNet blocks (of 7) or ResNet layers (of 4) kept as ImageNet left them
     image_size: int = 224
     seed: int = 0
@@ -110,8 +111,12 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
     _freeze(model, backbone, config.frozen_stages)
     categories = sorted({image.category for image in images if image.category is not None})
     head = nn.Linear(classifier.in_features, max(1, len(categories)))
+    projection = (nn.Sequential(nn.Linear(classifier.in_features, classifier.in_features), nn.ReLU(),
+                                nn.Linear(classifier.in_features, config.projection))
+                  if config.projection else nn.Identity())
     model.to(device)
     head.to(device)
+    projection.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
 
@@ -124,7 +129,7 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": trainable, "lr": config.learning_rate},
-        {"params": head.parameters(), "lr": config.head_learning_rate},
+        {"params": [*head.parameters(), *projection.parameters()], "lr": config.head_learning_rate},
     ], weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -137,6 +142,7 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
+        projection.load_state_dict(state.get("projection", {}))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history, start_epoch = state["history"], state["epoch"]
@@ -171,7 +177,7 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
                 labels = torch.tensor(list(range(len(picked))) * 2, device=device)
                 category_of = [category_index.get(image.category, -1) for image in picked] * 2
                 step_started = time.perf_counter()
-                loss = _step(model, head, optimizer, scaler, torch.from_numpy(pixels).to(device), mean, std,
+                loss = _step(model, head, projection, optimizer, scaler, torch.from_numpy(pixels).to(device), mean, std,
                              labels, torch.tensor(category_of, device=device), config, device)
                 schedule.step()
                 losses.append(loss)
@@ -187,6 +193,7 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
                                       "seconds": time.perf_counter() - started})
             if state_path is not None:
                 _save_atomically({"model": model.state_dict(), "head": head.state_dict(),
+                                  "projection": projection.state_dict(),
                                   "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                   "history": history, "epoch": epoch + 1}, state_path)
 
@@ -213,13 +220,13 @@ def _cpu_state(model: nn.Module) -> dict:
     return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
 
 
-def _step(model, head, optimizer, scaler, pixels, mean, std, labels, categories, config, device) -> float:
+def _step(model, head, projection, optimizer, scaler, pixels, mean, std, labels, categories, config, device) -> float:
     if device.type == "cuda":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     pixels = (pixels.float() - mean) / std
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         pooled = model(pixels).float()
-    vectors = nn.functional.normalize(pooled, dim=1)
+    vectors = nn.functional.normalize(projection(pooled), dim=1)
     loss = _contrastive(vectors, labels, config.temperature)
     known = categories >= 0
     if known.any() and config.category_weight:

@@ -33,6 +33,19 @@ def test_training_and_evaluation_transformations_are_disjoint_families():
         assert set(used) <= EVALUATION_FAMILIES and len(used) == 3
 
 
+def test_some_training_views_zoom_out_onto_white_like_a_product_shot():
+    rng = np.random.default_rng(1)
+    image = Image.new("RGB", (120, 80), (128, 128, 128))  # grey: crops, mirrors and saturation keep its colour
+    views = [np.asarray(training_view(image, rng)[0]) for _ in range(40)]
+    zoomed = [view for view in views if (view == 255).all(axis=2).any()]
+    assert 10 <= len(zoomed) <= 35, "zoomed out sometimes, not always"
+    for view in zoomed:
+        assert view.shape[0] == view.shape[1]
+        product = (view == 128).all(axis=2)
+        assert (product | (view == 255).all(axis=2)).all(), "the product on white, nothing else"
+        assert 0 < product.mean() < 1.0, "smaller in the frame"
+
+
 def test_a_short_fine_tune_of_the_offline_backbone_gives_a_loadable_checkpoint_with_new_vectors(tmp_path):
     images = catalog(24)
     history = finetune(backbone="efficientnet_lite0", weights="imagenet", images=images, out=tmp_path / "w.pth",
