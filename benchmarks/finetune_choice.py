@@ -56,12 +56,11 @@ def main() -> None:
         return decoded[image_id]
 
     plan = query_plan([(i, i) for i in ids], salt=SALT)
-    backgrounds = augment.cluttered_backgrounds()
+    photos = shopper_queries(plan, load, augment.cluttered_backgrounds())  # the same photos for every model
 
     def measure(weights, name: str) -> None:
         model = load_embedder("efficientnet_lite0", weights, device="cpu", precision="fp32", engine="torch")
         catalog = model.embed([load(i) for i in ids]).vectors
-        photos = shopper_queries(plan, load, backgrounds)
         ranked = rank_products(CatalogVectors(np.array(ids), np.array(ids), catalog), plan,
                                model.embed([photo for _, photo, _ in photos]).vectors)
         figures = search_metrics(ranked, plan, {})

@@ -108,6 +108,8 @@ def embed_catalog(model, catalog: CatalogImages, *, on_progress=None) -> tuple[C
     decodes is left out), and its images per second. ``on_progress(images done)`` after every batch."""
     bulk = embed_sources(model, catalog.image_ids.tolist(), read=lambda pk: stored_image_bytes(catalog.files[pk]),
                          on_progress=on_progress and (lambda done, failed: on_progress(done + failed)))
+    for pk, reason in bulk.failures:  # as the pipeline fails it
+        logger.warning("image %s cannot be read for model %s; left out: %s", pk, model.identity.key, reason)
     product_of = dict(zip(catalog.image_ids.tolist(), catalog.product_ids.tolist()))
     ids = np.array(bulk.sources, dtype=np.int64)
     return (CatalogVectors(ids, np.array([product_of[i] for i in ids.tolist()], np.int64), bulk.vectors),

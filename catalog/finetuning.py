@@ -203,20 +203,15 @@ def _embed_everything(version: ModelVersion) -> None:
     store = vector_store(version)
     catalog = catalog_images()
     embedder = get_embedder({"backbone": version.backbone, "weights": version.weights})
-    remaining = catalog.image_ids[catalog.image_ids > store.last_id()]
+    remaining = np.flatnonzero(catalog.image_ids > store.last_id())
     done = len(catalog.image_ids) - len(remaining)
     for start in range(0, len(remaining), EMBED_CHUNK):
-        ids = remaining[start:start + EMBED_CHUNK]
-        pictures, kept = [], []
-        for image_id in ids.tolist():
-            try:
-                pictures.append(load_catalog_image(catalog.files[image_id]))
-                kept.append(image_id)
-            except Exception:  # a file that no longer decodes is left out, as the pipeline fails it
-                logger.warning("image %s cannot be read for the shadow index; left out", image_id, exc_info=True)
-        if kept:
-            store.append(np.array(kept, dtype=np.int64), embedder.embed(pictures).vectors)
-        done += len(ids)
+        rows = remaining[start:start + EMBED_CHUNK]
+        chunk = dataclasses.replace(catalog, image_ids=catalog.image_ids[rows], product_ids=catalog.product_ids[rows])
+        found, _ = embed_catalog(embedder, chunk)
+        if len(found.image_ids):
+            store.append(found.image_ids, found.vectors)
+        done += len(rows)
         _update(version, progress={"stage": "embedding", "done": done, "total": len(catalog.image_ids)})
     count = store.count()
     directory = index_directory(settings.INDEX_DIR, version.identity)

@@ -3,9 +3,10 @@
 Each step takes ``products_per_batch`` products and two training views of each (``ml.augment``). Views of
 one product are positives and every other view a negative (a supervised-contrastive loss, on a temporary
 projection of the search vectors so that they keep more than the loss asks of them); products with a
-category add a cross-entropy loss through a temporary linear head. Early stages stay frozen, and every batch norm keeps its ImageNet statistics
-(batches of a few dozen images would only add noise to them). The ImageNet classifier is put back
-unchanged, so the checkpoint loads like any weights file and one pass still gives labels.
+category add a cross-entropy loss through a temporary linear head. Early stages stay frozen, and every
+batch norm keeps its ImageNet statistics (batches of a few dozen images would only add noise to them).
+The ImageNet classifier is put back unchanged, so the checkpoint loads like any weights file and one pass
+still gives labels.
 
 On CUDA: AMP (fp16 autocast with a gradient scaler) and channels_last. The state after each epoch is
 saved, so a training whose worker died resumes where it stopped.
@@ -142,7 +143,7 @@ def finetune(*, backbone: str, weights, images: list[TrainingImage], out: Path, 
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
-        projection.load_state_dict(state.get("projection", {}))
+        projection.load_state_dict(state["projection"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history, start_epoch = state["history"], state["epoch"]
