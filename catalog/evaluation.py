@@ -25,6 +25,7 @@ from ml.augment import cluttered_backgrounds
 from ml.bulk import embed_sources
 from ml.catalog_eval import (
     CatalogVectors,
+    agreeing_points,
     category_metrics,
     held_out,
     match_calibration,
@@ -135,15 +136,25 @@ def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:
 
         def progress(done: int, number=number, version=version) -> None:
             if on_progress:
-                on_progress(f"evaluating model {version.pk}", number * len(plan) + done, len(versions) * len(plan))
+                # Two passes over the queries per model: embedding them, then checking their first results.
+                on_progress(f"evaluating model {version.pk}", 2 * number * len(plan) + done,
+                            2 * len(versions) * len(plan))
 
         queries = query_vectors(model, plan, catalog, backgrounds, on_progress=progress)
         rankings = rank_products(vectors, plan, queries)
+        points = agreeing_points(rankings, plan, lambda query: query_photo(query, catalog, backgrounds),
+                                 lambda image_id: load_catalog_image(catalog.files[image_id]),
+                                 on_progress=lambda done: progress(len(plan) + done))
         results.append({"search": search_metrics(rankings, plan, catalog.category_of),
                         "categories": category_figures(vectors, catalog, version.identity),
-                        "calibration": match_calibration(rankings, catalog.category_of),
+                        "calibration": match_calibration(rankings, catalog.category_of, points),
                         "queries": len(plan), "images": len(vectors.image_ids)})
     return results
+
+
+def query_photo(query, catalog: CatalogImages, backgrounds):
+    """One query's shopper-like photo, as ``query_vectors`` embeds it."""
+    return shopper_queries([query], lambda image_id: load_catalog_image(catalog.files[image_id]), backgrounds)[0][1]
 
 
 def query_vectors(model, plan: list, catalog: CatalogImages, backgrounds, *, on_progress=None) -> np.ndarray:

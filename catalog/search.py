@@ -14,13 +14,14 @@ from django.core.exceptions import ValidationError
 from catalog.category_heads import head_predict_categories
 from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
 from catalog.process_cache import ProcessCache
-from catalog.selectors import category_descendant_ids
+from catalog.selectors import category_descendant_ids, stored_image
 from catalog.serving import active_index, embed_query, query_embedder
-from ml.catalog_eval import match_of
+from ml.catalog_eval import match_of, needs_points
 from ml.images import ImageDecodeError, decode_image
 from ml.index_store import IndexReader, index_directory
 from ml.index_terms import IndexFileError
 from ml.localize import Box, object_boxes
+from ml.verify import Keypoints, agreeing_points, keypoints
 
 READER_CHECK_SECONDS = 0.5
 
@@ -131,6 +132,26 @@ def match_calibration(identity: str) -> dict | None:
     return _calibrations.get(identity, load, stamp=int(time.monotonic() // CALIBRATION_CHECK_SECONDS))
 
 
+_catalog_keypoints: ProcessCache[int, Keypoints] = ProcessCache("catalog images' local features", size=256)
+
+
+def first_result_points(searched, image_id: int) -> int | None:
+    """The searched photo's local features that agree with catalog image ``image_id`` under one plausible
+    view (``ml.verify``); None when that image can no longer be read (the label then rests on the score)."""
+    def load() -> Keypoints:
+        name = ProductImage.objects.filter(pk=image_id).values_list("file", flat=True).first()
+        if not name:
+            raise OSError(f"image {image_id} has no stored file")
+        return keypoints(stored_image(name))
+
+    try:
+        match = _catalog_keypoints.get(image_id, load)
+    except (OSError, ImageDecodeError) as exc:
+        log.warning("the first result's image %s cannot be checked against the photo: %s", image_id, exc)
+        return None
+    return agreeing_points(keypoints(searched), match)
+
+
 def decode_query(image_data: bytes, min_side: int):
     """The shopper's photo, decoded (never stored); a 400 saying why when it is not an image."""
     try:
@@ -208,11 +229,13 @@ def search_catalog(
     started = time.perf_counter()
     labels: list[tuple[str, float]] = []
     objects: list[Box] = []
+    searched = None  # the photo or its region, when searching by one
     if image_data is not None:
         model = query_embedder()
         photo = decode_query(image_data, model.min_side)
+        searched = crop_to(photo, box)
         # One batch: the whole photo (its objects) and, with a box, the region searched.
-        embedded = embed_query(model, [photo] if box is None else [photo, crop_to(photo, box)], maps=True)
+        embedded = embed_query(model, [photo] if box is None else [photo, searched], maps=True)
         objects = object_boxes(photo, embedded.maps[0], model.preset)
         vector, labels = embedded.vectors[-1], list(embedded.labels[-1])
     else:
@@ -236,8 +259,13 @@ def search_catalog(
         hits, predicted = [], []
     active = active_index()
     calibration = match_calibration(active["identity"]) if active else None
-    matches = [match_of(hit.score, calibration, first=number == 0,
-                        margin=hit.score - hits[number + 1].score if number + 1 < len(hits) else None)
+    margins = [hit.score - hits[number + 1].score if number + 1 < len(hits) else None
+               for number, hit in enumerate(hits)]
+    points = None
+    if searched is not None and hits and needs_points(hits[0].score, calibration, margin=margins[0]):
+        points = first_result_points(searched, hits[0].image_id)
+    matches = [match_of(hit.score, calibration, first=number == 0, margin=margins[number],
+                        points=points if number == 0 else None)
                for number, hit in enumerate(hits)]
     return SearchResult(hits=hits[:k], predicted_categories=predicted, labels=labels,
                         took_ms=round((time.perf_counter() - started) * 1000), matches=matches[:k], objects=objects)

@@ -75,6 +75,7 @@ class Rankings:
     truth: np.ndarray  # int64 [q]: the query's own product
     products: np.ndarray  # int64 [q, depth], -1 past the end
     scores: np.ndarray  # float32 [q, depth]
+    images: np.ndarray | None = None  # int64 [q, depth]: each product's best image, -1 past the end
 
 
 def rank_products(catalog: CatalogVectors, plan: list[Query], query_vectors: np.ndarray, *,
@@ -87,9 +88,10 @@ def rank_products(catalog: CatalogVectors, plan: list[Query], query_vectors: np.
     depth = min(depth, len(catalog.image_ids))
     positions = knn_ground_truth(query_vectors, catalog.vectors, depth)
     products = np.full((len(plan), depth), -1, dtype=np.int64)
+    images = np.full((len(plan), depth), -1, dtype=np.int64)
     scores = np.full((len(plan), depth), -np.inf, dtype=np.float32)
     for row, query in enumerate(plan):
-        seen, order, best = set(), [], []
+        seen, order, best, best_images = set(), [], [], []
         for position in positions[row][positions[row] >= 0]:
             image, product = int(catalog.image_ids[position]), int(catalog.product_ids[position])
             if image == query.image_id and images_per_product[product] > 1:
@@ -97,10 +99,12 @@ def rank_products(catalog: CatalogVectors, plan: list[Query], query_vectors: np.
             if product not in seen:
                 seen.add(product)
                 order.append(product)
+                best_images.append(image)
                 best.append(float(query_vectors[row] @ catalog.vectors[position]))
         products[row, : len(order)] = order
+        images[row, : len(best_images)] = best_images
         scores[row, : len(best)] = best
-    return Rankings(np.array([query.product_id for query in plan], dtype=np.int64), products, scores)
+    return Rankings(np.array([query.product_id for query in plan], dtype=np.int64), products, scores, images)
 
 
 def search_metrics(rankings: Rankings, plan: list[Query], category_of: dict[int, str]) -> dict:
@@ -125,26 +129,60 @@ def search_metrics(rankings: Rankings, plan: list[Query], category_of: dict[int,
 
 SAME_PRODUCT_PRECISION = 0.95  # "same_product" must be right at least this often
 SAME_PRODUCT_FALSE_RATE = 0.03  # and name a product not in the catalog at most this often (a margin under 5 %)
+POINTS_GRID = (3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50)  # agreeing local features, the candidates for the rule
 
 
-def match_calibration(rankings: Rankings, category_of: dict[int, str]) -> dict:
-    """Thresholds for a result's labels: "same_product" at or above a score *and* a margin over the next
-    product (first result only), "weak" below a score.
+@dataclass(frozen=True)
+class AgreeingPoints:
+    """Each query photo's local features that agree with a catalog image under one plausible view
+    (``ml.verify``): against its first product's best image, and against the first product that is not its own."""
+
+    first: np.ndarray  # int64 [q]
+    first_other: np.ndarray  # int64 [q]
+
+
+def agreeing_points(rankings: Rankings, plan: list[Query], photo_of: Callable[[Query], Image.Image],
+                    load: Callable[[int], Image.Image], *, on_progress=None) -> AgreeingPoints:
+    """``AgreeingPoints`` of the plan's query photos (``photo_of(query)``, made again: the same seeded photos)
+    and the catalog images (``load(image id)``) the two shoppers of each query would be shown first."""
+    from ml.verify import agreeing_points as count, keypoints
+
+    others = rankings.products != rankings.truth[:, None]
+    first = np.zeros(len(plan), dtype=np.int64)
+    first_other = np.zeros(len(plan), dtype=np.int64)
+    for row, query in enumerate(plan):
+        photo = keypoints(photo_of(query))
+        shown = rankings.images[row][rankings.products[row] >= 0]
+        if shown.size:
+            first[row] = count(photo, keypoints(load(int(shown[0]))))
+        other = rankings.images[row][others[row] & (rankings.products[row] >= 0)]
+        if other.size:
+            first_other[row] = first[row] if other[0] == shown[0] else count(photo, keypoints(load(int(other[0]))))
+        if on_progress:
+            on_progress(row + 1)
+    return AgreeingPoints(first, first_other)
+
+
+def match_calibration(rankings: Rankings, category_of: dict[int, str], points: AgreeingPoints | None = None) -> dict:
+    """Thresholds for a result's labels: "same_product" for a first result whose photo and image agree in
+    at least ``verified_points`` local features, or whose score reaches a threshold *and* stands out from
+    the next product's by a margin; "weak" below a score.
 
     Every query stands in for two shoppers: one whose product is in the catalog (the ranking as it is),
     and one whose product is not (the same ranking without that product). A score alone cannot tell them
     apart well: a product the catalog does not sell can still look much like several it does. What marks
-    the same product is a first result that stands out from the rest (the ratio test of image matching), so
-    the rule is a pair (score, margin): of every (score, margin) on a grid, the one that labels the most
-    correct first results "same_product" while those labels are right at least SAME_PRODUCT_PRECISION of
-    the time and name a product for at most SAME_PRODUCT_FALSE_RATE of the out-of-catalog shoppers. "weak"
-    is where a result becomes less likely related (same product or category) than not, by isotonic
+    the same product is a first result that stands out from the rest (the ratio test of image matching) or,
+    better, details of the photo that one view carries onto the catalog image (``points``: geometric
+    verification). Of every (points, score, margin) on a grid, the rule kept is the one that labels the
+    most correct first results "same_product" while those labels are right at least SAME_PRODUCT_PRECISION
+    of the time and name a product for at most SAME_PRODUCT_FALSE_RATE of the out-of-catalog shoppers.
+    "weak" is where a result becomes less likely related (same product or category) than not, by isotonic
     regression.
     """
     from sklearn.isotonic import IsotonicRegression  # on first use: scikit-learn takes a while to import
 
     truth, products, scores = rankings.truth, rankings.products, rankings.scores
-    same, margin, recall, false_rate = _same_product_rule(truth, products, scores)
+    rule = _same_product_rule(truth, products, scores, points)
     weak = None
     if category_of:
         shown = (products[:, :10] >= 0) & np.isfinite(scores[:, :10])
@@ -157,8 +195,7 @@ def match_calibration(rankings: Rankings, category_of: dict[int, str]) -> dict:
             grid = np.linspace(float(x.min()), float(x.max()), 200)
             likely = grid[fitted.predict(grid) >= 0.5]
             weak = float(likely[0]) if likely.size else float(x.max())
-    return {"same_product": same, "margin": margin, "weak": weak, "queries": int(len(truth)),
-            "same_product_recall": recall, "false_same_rate": false_rate}
+    return {**rule, "weak": weak, "queries": int(len(truth))}
 
 
 def _first_two(scores: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +207,11 @@ def _first_two(scores: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.nda
     return ordered[:, 0], second
 
 
-def _same_product_rule(truth, products, scores) -> tuple[float | None, float | None, float, float]:
-    """(score, margin, recall of correct first results, out-of-catalog rate) of the best rule; Nones if none holds."""
+def _same_product_rule(truth, products, scores, points: AgreeingPoints | None) -> dict:
+    """The best rule's thresholds (None where it uses none, all None if no rule holds), the share of correct
+    first results it labels and its out-of-catalog rate."""
+    none = {"same_product": None, "margin": None, "verified_points": None, "same_product_recall": 0.0,
+            "false_same_rate": 0.0}
     first_right = products[:, 0] == truth
     in_first, in_second = _first_two(scores, products >= 0)
     out_first, out_second = _first_two(scores, (products >= 0) & (products != truth[:, None]))
@@ -179,39 +219,64 @@ def _same_product_rule(truth, products, scores) -> tuple[float | None, float | N
     out_margin = np.where(np.isfinite(out_second), out_first - out_second, 2.0)
     seen = np.concatenate([in_first[np.isfinite(in_first)], out_first[np.isfinite(out_first)]])
     if not seen.size or not first_right.any():
-        return None, None, 0.0, 0.0
-    score_grid = np.unique(np.quantile(seen, np.linspace(0, 1, 81)))
+        return none
+    # The last entry of each grid is a threshold nothing reaches: that part of the rule unused.
+    score_grid = np.append(np.unique(np.quantile(seen, np.linspace(0, 1, 81))), np.inf)
     margins = np.concatenate([in_margin, out_margin[np.isfinite(out_first)]])
     margin_grid = np.unique(np.concatenate([[0.0], np.quantile(margins, np.linspace(0, 0.98, 50))]))
-    said_in = (in_first[None, None, :] >= score_grid[:, None, None]) & (in_margin[None, None, :] >= margin_grid[None, :, None])
-    said_out = (np.isfinite(out_first) & (out_first >= score_grid[:, None, None]) &
-                (out_margin[None, None, :] >= margin_grid[None, :, None]))
-    right = (said_in & first_right).sum(axis=2)
-    wrong = (said_in & ~first_right).sum(axis=2) + said_out.sum(axis=2)
-    false_rate = said_out.sum(axis=2) / len(truth)
+    points_grid = np.array([*(POINTS_GRID if points is not None else ()), np.inf])
+    in_points = points.first if points is not None else np.zeros(len(truth))
+    out_points = points.first_other if points is not None else np.zeros(len(truth))
+    by_score_in = (in_first[None, None, :] >= score_grid[:, None, None]) & (in_margin[None, None, :] >= margin_grid[None, :, None])
+    by_score_out = (np.isfinite(out_first) & (out_first >= score_grid[:, None, None]) &
+                    (out_margin[None, None, :] >= margin_grid[None, :, None]))
+    # [points, score, margin, query]
+    said_in = by_score_in[None] | (in_points[None, None, None, :] >= points_grid[:, None, None, None])
+    said_out = by_score_out[None] | (np.isfinite(out_first) & (out_points >= points_grid[:, None, None, None]))
+    right = (said_in & first_right).sum(axis=3)
+    wrong = (said_in & ~first_right).sum(axis=3) + said_out.sum(axis=3)
+    false_rate = said_out.sum(axis=3) / len(truth)
     precision = np.where(right > 0, right / np.maximum(1, right + wrong), 0.0)
     allowed = (right > 0) & (precision >= SAME_PRODUCT_PRECISION) & (false_rate <= SAME_PRODUCT_FALSE_RATE)
     if not allowed.any():
-        return None, None, 0.0, 0.0
+        return none
     best = np.unravel_index(np.argmax(np.where(allowed, right, -1)), right.shape)
-    return (float(score_grid[best[0]]), float(margin_grid[best[1]]), float(right[best] / first_right.sum()),
-            float(false_rate[best]))
+
+    def used(value: float) -> float | None:
+        return float(value) if np.isfinite(value) else None
+
+    by_score = np.isfinite(score_grid[best[1]])
+    return {"same_product": used(score_grid[best[1]]), "margin": float(margin_grid[best[2]]) if by_score else None,
+            "verified_points": used(points_grid[best[0]]),
+            "same_product_recall": float(right[best] / first_right.sum()), "false_same_rate": float(false_rate[best])}
 
 
-def match_of(score: float, calibration: dict | None, *, margin: float | None = None, first: bool = True) -> str:
+def match_of(score: float, calibration: dict | None, *, margin: float | None = None, first: bool = True,
+             points: int | None = None) -> str:
     """ "same_product", "similar" or "weak" for a result's score; "similar" before any calibration.
 
     ``margin``: how far this result's score is above the next product's; with a calibrated margin, only the
-    first result can be "same_product", and only when it stands out by that much."""
+    first result can be "same_product", and only when it stands out by that much. ``points``: the query
+    photo's local features that agree with this result's image (``ml.verify``), when they were counted."""
     if not calibration:
         return "similar"
-    threshold, needed = calibration.get("same_product"), calibration.get("margin")
+    threshold, needed, verified = (calibration.get("same_product"), calibration.get("margin"),
+                                   calibration.get("verified_points"))
+    if first and verified is not None and points is not None and points >= verified:
+        return "same_product"
     if threshold is not None and score >= threshold and (
             needed is None or (first and (margin is None or margin >= needed))):
         return "same_product"
     if calibration.get("weak") is not None and score < calibration["weak"]:
         return "weak"
     return "similar"
+
+
+def needs_points(score: float, calibration: dict | None, *, margin: float | None) -> bool:
+    """Whether a first result's label depends on counting its agreeing local features: the calibration uses
+    them and the score alone does not already make it "same_product"."""
+    return bool(calibration and calibration.get("verified_points") is not None
+                and match_of(score, calibration, margin=margin) != "same_product")
 
 
 def category_metrics(train: tuple[np.ndarray, list[str], list[int]], test: tuple[np.ndarray, list[str]], *,

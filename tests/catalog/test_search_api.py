@@ -260,6 +260,38 @@ def test_each_result_says_same_product_similar_or_weak(anon, catalog, photo):
     assert results[-1]["match"] == "weak"
 
 
+def phone_photo(data: bytes, seed: int = 3) -> bytes:
+    """The product photographed as the evaluation's shoppers do: turned, tilted, recoloured, compressed."""
+    import numpy as np
+
+    from ml.augment import shopper_photo
+
+    shot, _ = shopper_photo(Image.open(io.BytesIO(data)), np.random.default_rng(seed), families=4)
+    buffer = io.BytesIO()
+    shot.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_a_first_result_whose_details_agree_with_the_photo_is_the_same_product(anon, catalog, photo):
+    """With a calibration whose scores are out of reach, only the geometric check can say "same_product"."""
+    calibrate(same_product=None, margin=None, verified_points=12, weak=0.0)
+    results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
+    assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "same_product"
+    assert {hit["match"] for hit in results[1:]} == {"similar"}, "only the first result is checked"
+    # A product the catalog does not sell comes first as something similar, never as the same product.
+    elsewhere = post_image(anon, phone_photo(photo("immunohistochemistry"))).json()["results"]
+    assert elsewhere and elsewhere[0]["match"] == "similar"
+
+
+def test_a_first_result_whose_image_is_gone_is_labelled_by_its_score(anon, catalog, photo):
+    calibrate(same_product=None, margin=None, verified_points=12, weak=0.0)
+    from django.core.files.storage import default_storage
+
+    default_storage.delete(catalog["coffee"].images.get().file.name)
+    results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
+    assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "similar"
+
+
 def side_by_side(photo, left: str, right: str) -> tuple[bytes, list[list[float]]]:
     scene = Image.new("RGB", (900, 380), (246, 245, 242))
     boxes, x = [], 30

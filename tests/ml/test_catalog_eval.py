@@ -1,7 +1,14 @@
 """The match labels' calibration: "same_product" must stay right, and rarely name a product the catalog does not sell."""
 import numpy as np
 
-from ml.catalog_eval import SAME_PRODUCT_FALSE_RATE, SAME_PRODUCT_PRECISION, Rankings, match_calibration, match_of
+from ml.catalog_eval import (
+    SAME_PRODUCT_FALSE_RATE,
+    SAME_PRODUCT_PRECISION,
+    AgreeingPoints,
+    Rankings,
+    match_calibration,
+    match_of,
+)
 
 
 def rankings(seed: int = 0, queries: int = 400, depth: int = 20) -> Rankings:
@@ -44,6 +51,53 @@ def test_same_product_needs_a_first_result_that_stands_out():
     assert out_said / len(fresh.truth) <= 0.05
 
 
+def crowded(seed: int = 0, queries: int = 400, depth: int = 20) -> tuple[Rankings, AgreeingPoints]:
+    """Rankings where scores tell nothing (the own product first for 60 % of the queries, but inside the
+    crowd), and agreeing local features that do: many for most photos of the product shown first, a few
+    for the lookalikes, now and then several (a lookalike sharing a logo)."""
+    rng = np.random.default_rng(seed)
+    truth = np.arange(queries, dtype=np.int64)
+    products = np.zeros((queries, depth), dtype=np.int64)
+    scores = np.zeros((queries, depth), dtype=np.float32)
+    first, first_other = np.zeros(queries, dtype=np.int64), np.zeros(queries, dtype=np.int64)
+
+    def lookalike_points() -> int:
+        return int(rng.integers(6, 12)) if rng.random() < 0.01 else int(rng.integers(0, 4))
+
+    for row in range(queries):
+        others = rng.choice(np.setdiff1d(np.arange(queries + 50), [row]), size=depth, replace=False)
+        scores[row] = np.sort(rng.uniform(0.70, 0.90, size=depth))[::-1]
+        found = rng.random() < 0.6
+        products[row] = np.r_[row, others[:-1]] if found else np.r_[others[:3], row, others[3:-1]]
+        own = int(rng.integers(12, 80)) if rng.random() < 0.9 else int(rng.integers(0, 4))
+        first[row] = own if found else lookalike_points()
+        first_other[row] = lookalike_points()
+    return Rankings(truth, products, scores), AgreeingPoints(first, first_other)
+
+
+def test_agreeing_local_features_make_same_product_where_scores_cannot():
+    rankings, points = crowded()
+    by_score = match_calibration(rankings, {})
+    assert by_score["same_product_recall"] < 0.2, by_score  # the scores alone label few: they cannot tell
+    calibration = match_calibration(rankings, {}, points)
+    assert calibration["verified_points"] is not None and calibration["same_product_recall"] >= 0.8, calibration
+
+    fresh, fresh_points = crowded(seed=1)
+    said = right = out_said = 0
+    for row, (truth, products, scores) in enumerate(zip(fresh.truth, fresh.products, fresh.scores)):
+        label = match_of(float(scores[0]), calibration, margin=float(scores[0] - scores[1]),
+                         points=int(fresh_points.first[row]))
+        said += label == "same_product"
+        right += label == "same_product" and products[0] == truth
+        others = scores[products != truth]
+        out_said += match_of(float(others[0]), calibration, margin=float(others[0] - others[1]),
+                             points=int(fresh_points.first_other[row])) == "same_product"
+    assert said and right / said >= SAME_PRODUCT_PRECISION - 0.02, (right, said)
+    assert out_said / len(fresh.truth) <= 0.05
+    found = fresh.products[:, 0] == fresh.truth
+    assert right / found.sum() >= 0.8
+
+
 def test_only_the_first_result_can_be_the_same_product_once_a_margin_is_calibrated():
     calibration = {"same_product": 0.8, "margin": 0.05, "weak": 0.3}
     assert match_of(0.9, calibration, margin=0.1, first=True) == "same_product"
@@ -52,3 +106,11 @@ def test_only_the_first_result_can_be_the_same_product_once_a_margin_is_calibrat
     assert match_of(0.2, calibration, margin=0.1, first=False) == "weak"
     assert match_of(0.9, {"same_product": 0.8, "weak": 0.3}) == "same_product"  # a calibration of scores only
     assert match_of(0.9, None) == "similar"
+
+
+def test_agreeing_features_label_the_first_result_only():
+    calibration = {"same_product": None, "margin": None, "verified_points": 10, "weak": 0.3}
+    assert match_of(0.5, calibration, points=10) == "same_product"
+    assert match_of(0.5, calibration, points=9) == "similar"
+    assert match_of(0.5, calibration, points=40, first=False) == "similar"
+    assert match_of(0.5, calibration) == "similar"  # not counted: the image could not be read
