@@ -51,6 +51,10 @@ class CatalogImages:
     category_of: dict[int, str]  # product id -> category path (categorized products only)
     files: dict[int, str]
 
+    def image(self, image_id: int) -> Image.Image:
+        """A catalog image decoded as the evaluation's queries are made from it."""
+        return load_catalog_image(self.files[image_id])
+
 
 def catalog_images() -> CatalogImages:
     rows = list(ProductImage.objects.filter(product__is_active=True).exclude(status=ProductImage.Status.FAILED)
@@ -142,19 +146,13 @@ def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:
 
         queries = query_vectors(model, plan, catalog, backgrounds, on_progress=progress)
         rankings = rank_products(vectors, plan, queries)
-        points = agreeing_points(rankings, plan, lambda query: query_photo(query, catalog, backgrounds),
-                                 lambda image_id: load_catalog_image(catalog.files[image_id]),
-                                 on_progress=lambda done: progress(len(plan) + done))
+        points = agreeing_points(rankings, plan, lambda query: shopper_queries([query], catalog.image, backgrounds)[0][1],
+                                 catalog.image, on_progress=lambda done: progress(len(plan) + done))
         results.append({"search": search_metrics(rankings, plan, catalog.category_of),
                         "categories": category_figures(vectors, catalog, version.identity),
                         "calibration": match_calibration(rankings, catalog.category_of, points),
                         "queries": len(plan), "images": len(vectors.image_ids)})
     return results
-
-
-def query_photo(query, catalog: CatalogImages, backgrounds):
-    """One query's shopper-like photo, as ``query_vectors`` embeds it."""
-    return shopper_queries([query], lambda image_id: load_catalog_image(catalog.files[image_id]), backgrounds)[0][1]
 
 
 def query_vectors(model, plan: list, catalog: CatalogImages, backgrounds, *, on_progress=None) -> np.ndarray:
@@ -163,7 +161,7 @@ def query_vectors(model, plan: list, catalog: CatalogImages, backgrounds, *, on_
     for start in range(0, len(plan), QUERY_BATCH):
         # Made again for each model rather than all held in memory.
         photos = shopper_queries(plan[start:start + QUERY_BATCH],
-                                 lambda image_id: load_catalog_image(catalog.files[image_id]), backgrounds)
+                                 catalog.image, backgrounds)
         batches.append(model.embed([photo for _, photo, _ in photos]).vectors)
         if on_progress:
             on_progress(start + len(photos))

@@ -135,19 +135,20 @@ def match_calibration(identity: str) -> dict | None:
 _catalog_keypoints: ProcessCache[int, Keypoints] = ProcessCache("catalog images' local features", size=256)
 
 
-def first_result_points(searched, image_id: int) -> int | None:
-    """The searched photo's local features that agree with catalog image ``image_id`` under one plausible
-    view (``ml.verify``); None when that image can no longer be read (the label then rests on the score)."""
+def first_result_points(searched, hit: ProductHit) -> int | None:
+    """The searched photo's local features that agree with the hit's image under one plausible view
+    (``ml.verify``); None when that image can no longer be read (the label then rests on the score)."""
     def load() -> Keypoints:
-        name = ProductImage.objects.filter(pk=image_id).values_list("file", flat=True).first()
+        # The hit's product came with its images: no query for the file's name.
+        name = next((image.file.name for image in hit.product.images.all() if image.pk == hit.image_id), None)
         if not name:
-            raise OSError(f"image {image_id} has no stored file")
+            raise OSError(f"image {hit.image_id} has no stored file")
         return keypoints(stored_image(name))
 
     try:
-        match = _catalog_keypoints.get(image_id, load)
+        match = _catalog_keypoints.get(hit.image_id, load)
     except (OSError, ImageDecodeError) as exc:
-        log.warning("the first result's image %s cannot be checked against the photo: %s", image_id, exc)
+        log.warning("the first result's image %s cannot be checked against the photo: %s", hit.image_id, exc)
         return None
     return agreeing_points(keypoints(searched), match)
 
@@ -263,7 +264,7 @@ def search_catalog(
                for number, hit in enumerate(hits)]
     points = None
     if searched is not None and hits and needs_points(hits[0].score, calibration, margin=margins[0]):
-        points = first_result_points(searched, hits[0].image_id)
+        points = first_result_points(searched, hits[0])
     matches = [match_of(hit.score, calibration, first=number == 0, margin=margins[number],
                         points=points if number == 0 else None)
                for number, hit in enumerate(hits)]

@@ -18,6 +18,7 @@ from PIL import Image
 from ml.augment import shopper_photo
 from ml.categorizer import train_category_head
 from ml.evaluation import classification_metrics, knn_ground_truth, reciprocal_rank
+from ml.verify import agreeing_points as count_agreeing, keypoints
 
 HELD_OUT_SHARE = 0.2  # categorized products kept out of training, for the category figures
 QUERY_LIMIT = 600
@@ -145,8 +146,6 @@ def agreeing_points(rankings: Rankings, plan: list[Query], photo_of: Callable[[Q
                     load: Callable[[int], Image.Image], *, on_progress=None) -> AgreeingPoints:
     """``AgreeingPoints`` of the plan's query photos (``photo_of(query)``, made again: the same seeded photos)
     and the catalog images (``load(image id)``) the two shoppers of each query would be shown first."""
-    from ml.verify import agreeing_points as count, keypoints
-
     others = rankings.products != rankings.truth[:, None]
     first = np.zeros(len(plan), dtype=np.int64)
     first_other = np.zeros(len(plan), dtype=np.int64)
@@ -154,10 +153,10 @@ def agreeing_points(rankings: Rankings, plan: list[Query], photo_of: Callable[[Q
         photo = keypoints(photo_of(query))
         shown = rankings.images[row][rankings.products[row] >= 0]
         if shown.size:
-            first[row] = count(photo, keypoints(load(int(shown[0]))))
+            first[row] = count_agreeing(photo, keypoints(load(int(shown[0]))))
         other = rankings.images[row][others[row] & (rankings.products[row] >= 0)]
         if other.size:
-            first_other[row] = first[row] if other[0] == shown[0] else count(photo, keypoints(load(int(other[0]))))
+            first_other[row] = first[row] if other[0] == shown[0] else count_agreeing(photo, keypoints(load(int(other[0]))))
         if on_progress:
             on_progress(row + 1)
     return AgreeingPoints(first, first_other)
