@@ -119,6 +119,8 @@ def main() -> None:
     calibration = serving_version().metrics["calibration"]
     rule = " or ".join(part for part in (
         calibration["verified_points"] is not None and f"at least {calibration['verified_points']:.0f} agreeing local features",
+        calibration.get("aligned_correlation") is not None and
+        f"the product aligned onto the photo correlating >= {calibration['aligned_correlation']:.2f}",
         calibration["same_product"] is not None and f"score >= {calibration['same_product']:.3f} and margin >= "
                                                     f"{calibration['margin']:.3f}") if part) or "never"
     print(f"catalog: {len(inside)} stamps in it, {len(outside)} only as queries; calibration on the catalog "
@@ -153,7 +155,9 @@ def main() -> None:
         outside_same += bool(result.hits) and result.matches[0] == "same_product"
     print(f"match labels: {correct}/{len(inside)} catalog photos found their product first; "
           f"{correct_same / max(1, correct):.1%} of those labelled same_product (target >= 80 %); "
-          f"same_product right {same_right / max(1, same):.1%} of the {same} times it was said; "
+          f"same_product right {same_right / max(1, same):.1%} of the {same} times it was said for them "
+          f"({same_right / max(1, same + outside_same):.1%} of all {same + outside_same}, out-of-catalog photos "
+          f"included); "
           f"out-of-catalog photos labelled same_product: {outside_same}/{len(outside)} = "
           f"{outside_same / max(1, len(outside)):.1%} (target <= 5 %); search took p50 {np.median(took):.0f} ms, "
           f"p95 {np.percentile(took, 95):.0f} ms (k=1, the first result checked where its score did not decide)",

@@ -25,7 +25,6 @@ from ml.augment import cluttered_backgrounds
 from ml.bulk import embed_sources
 from ml.catalog_eval import (
     CatalogVectors,
-    agreeing_points,
     category_metrics,
     held_out,
     match_calibration,
@@ -33,6 +32,7 @@ from ml.catalog_eval import (
     rank_products,
     search_metrics,
     shopper_queries,
+    verification,
 )
 from ml.images import ImageDecodeError
 
@@ -146,11 +146,11 @@ def evaluate(versions: list[ModelVersion], *, on_progress=None) -> list[dict]:
 
         queries = query_vectors(model, plan, catalog, backgrounds, on_progress=progress)
         rankings = rank_products(vectors, plan, queries)
-        points = agreeing_points(rankings, plan, lambda query: shopper_queries([query], catalog.image, backgrounds)[0][1],
-                                 catalog.image, on_progress=lambda done: progress(len(plan) + done))
+        checks = verification(rankings, plan, lambda query: shopper_queries([query], catalog.image, backgrounds)[0][1],
+                              catalog.image, on_progress=lambda done: progress(len(plan) + done))
         results.append({"search": search_metrics(rankings, plan, catalog.category_of),
                         "categories": category_figures(vectors, catalog, version.identity),
-                        "calibration": match_calibration(rankings, catalog.category_of, points),
+                        "calibration": match_calibration(rankings, catalog.category_of, checks),
                         "queries": len(plan), "images": len(vectors.image_ids)})
     return results
 

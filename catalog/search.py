@@ -10,18 +10,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from PIL import Image
 
 from catalog.category_heads import head_predict_categories
 from catalog.models import Category, ModelVersion, Product, ProductImage, embedding_from_bytes
 from catalog.process_cache import ProcessCache
 from catalog.selectors import category_descendant_ids, stored_image
 from catalog.serving import active_index, embed_query, query_embedder
-from ml.catalog_eval import match_of, needs_points
+from ml.catalog_eval import first_match, match_of
 from ml.images import ImageDecodeError, decode_image
 from ml.index_store import IndexReader, index_directory
 from ml.index_terms import IndexFileError
 from ml.localize import Box, object_boxes
-from ml.verify import Keypoints, agreeing_points, keypoints
+from ml.verify import Keypoints, Template, agreeing_points, aligned_correlation, keypoints, template
 
 READER_CHECK_SECONDS = 0.5
 
@@ -132,25 +133,47 @@ def match_calibration(identity: str) -> dict | None:
     return _calibrations.get(identity, load, stamp=int(time.monotonic() // CALIBRATION_CHECK_SECONDS))
 
 
-_catalog_keypoints: ProcessCache[int, Keypoints] = ProcessCache("catalog images' local features", size=256)
+_catalog_checks: ProcessCache[int, tuple[Keypoints, Template | None]] = ProcessCache(
+    "catalog images' local features and products", size=256)
 
 
-def first_result_points(searched, hit: ProductHit) -> int | None:
-    """The searched photo's local features that agree with the hit's image under one plausible view
-    (``ml.verify``); None when that image can no longer be read (the label then rests on the score)."""
-    def load() -> Keypoints:
+@dataclass
+class FirstResultCheck:
+    """The searched photo against the first result's image (``ml.verify``), each part done when first asked:
+    its agreeing local features, and the correlation of the image's product aligned onto it. Both None when
+    that image can no longer be read (the label then rests on the score)."""
+
+    searched: Image.Image
+    hit: ProductHit
+    _reference: tuple[Keypoints, Template | None] | None = None
+    _unreadable: bool = False
+
+    def points(self) -> int | None:
+        reference = self._read()
+        return agreeing_points(keypoints(self.searched), reference[0]) if reference else None
+
+    def correlation(self) -> float | None:
+        reference = self._read()
+        return aligned_correlation(self.searched, reference[1]) if reference else None
+
+    def _read(self) -> tuple[Keypoints, Template | None] | None:
+        if self._reference is None and not self._unreadable:
+            try:
+                self._reference = _catalog_checks.get(self.hit.image_id, self._load)
+            except (OSError, ImageDecodeError) as exc:
+                log.warning("the first result's image %s cannot be checked against the photo: %s",
+                            self.hit.image_id, exc)
+                self._unreadable = True
+        return self._reference
+
+    def _load(self) -> tuple[Keypoints, Template | None]:
         # The hit's product came with its images: no query for the file's name.
-        name = next((image.file.name for image in hit.product.images.all() if image.pk == hit.image_id), None)
+        name = next((image.file.name for image in self.hit.product.images.all() if image.pk == self.hit.image_id),
+                    None)
         if not name:
-            raise OSError(f"image {hit.image_id} has no stored file")
-        return keypoints(stored_image(name))
-
-    try:
-        match = _catalog_keypoints.get(hit.image_id, load)
-    except (OSError, ImageDecodeError) as exc:
-        log.warning("the first result's image %s cannot be checked against the photo: %s", hit.image_id, exc)
-        return None
-    return agreeing_points(keypoints(searched), match)
+            raise OSError(f"image {self.hit.image_id} has no stored file")
+        image = stored_image(name)
+        return keypoints(image), template(image)
 
 
 def decode_query(image_data: bytes, min_side: int):
@@ -262,11 +285,11 @@ def search_catalog(
     calibration = match_calibration(active["identity"]) if active else None
     margins = [hit.score - hits[number + 1].score if number + 1 < len(hits) else None
                for number, hit in enumerate(hits)]
-    points = None
-    if searched is not None and hits and needs_points(hits[0].score, calibration, margin=margins[0]):
-        points = first_result_points(searched, hits[0])
-    matches = [match_of(hit.score, calibration, first=number == 0, margin=margins[number],
-                        points=points if number == 0 else None)
+    matches = [match_of(hit.score, calibration, first=number == 0, margin=margins[number])
                for number, hit in enumerate(hits)]
+    if searched is not None and hits:
+        check = FirstResultCheck(searched, hits[0])
+        matches[0] = first_match(hits[0].score, calibration, margin=margins[0], points=check.points,
+                                 correlation=check.correlation)
     return SearchResult(hits=hits[:k], predicted_categories=predicted, labels=labels,
                         took_ms=round((time.perf_counter() - started) * 1000), matches=matches[:k], objects=objects)

@@ -18,7 +18,7 @@ from PIL import Image
 from ml.augment import shopper_photo
 from ml.categorizer import train_category_head
 from ml.evaluation import classification_metrics, knn_ground_truth, reciprocal_rank
-from ml.verify import agreeing_points as count_agreeing, keypoints
+from ml.verify import agreeing_points as count_agreeing, aligned_correlation, keypoints, template
 
 HELD_OUT_SHARE = 0.2  # categorized products kept out of training, for the category figures
 QUERY_LIMIT = 600
@@ -131,48 +131,60 @@ def search_metrics(rankings: Rankings, plan: list[Query], category_of: dict[int,
 SAME_PRODUCT_PRECISION = 0.95  # "same_product" must be right at least this often
 SAME_PRODUCT_FALSE_RATE = 0.03  # and name a product not in the catalog at most this often (a margin under 5 %)
 POINTS_GRID = (3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50)  # agreeing local features, the candidates for the rule
+CORRELATION_GRID = (0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98)  # the aligned products'
 
 
 @dataclass(frozen=True)
-class AgreeingPoints:
-    """Each query photo's local features that agree with a catalog image under one plausible view
-    (``ml.verify``): against its first product's best image, and against the first product that is not its own."""
+class Verification:
+    """How each query photo agrees with two catalog images (``ml.verify``), its first product's best image
+    and the best image of the first product that is not its own: the local features one plausible view
+    carries from the photo onto the image, and the correlation of the image's product aligned onto the photo."""
 
-    first: np.ndarray  # int64 [q]
-    first_other: np.ndarray  # int64 [q]
+    points: np.ndarray  # int64 [q]
+    points_other: np.ndarray  # int64 [q]
+    correlation: np.ndarray  # float64 [q], -1 where nothing aligned
+    correlation_other: np.ndarray  # float64 [q]
 
 
-def agreeing_points(rankings: Rankings, plan: list[Query], photo_of: Callable[[Query], Image.Image],
-                    load: Callable[[int], Image.Image], *, on_progress=None) -> AgreeingPoints:
-    """``AgreeingPoints`` of the plan's query photos (``photo_of(query)``, made again: the same seeded photos)
+def verification(rankings: Rankings, plan: list[Query], photo_of: Callable[[Query], Image.Image],
+                 load: Callable[[int], Image.Image], *, on_progress=None) -> Verification:
+    """``Verification`` of the plan's query photos (``photo_of(query)``, made again: the same seeded photos)
     and the catalog images (``load(image id)``) the two shoppers of each query would be shown first."""
     others = rankings.products != rankings.truth[:, None]
-    first = np.zeros(len(plan), dtype=np.int64)
-    first_other = np.zeros(len(plan), dtype=np.int64)
+    points, points_other = np.zeros(len(plan), dtype=np.int64), np.zeros(len(plan), dtype=np.int64)
+    correlation, correlation_other = np.full(len(plan), -1.0), np.full(len(plan), -1.0)
     for row, query in enumerate(plan):
-        photo = keypoints(photo_of(query))
+        photo = photo_of(query)
+        features = keypoints(photo)
+
+        def check(image_id: int) -> tuple[int, float]:
+            image = load(image_id)
+            return count_agreeing(features, keypoints(image)), aligned_correlation(photo, template(image))
+
         shown = rankings.images[row][rankings.products[row] >= 0]
         if shown.size:
-            first[row] = count_agreeing(photo, keypoints(load(int(shown[0]))))
+            points[row], correlation[row] = check(int(shown[0]))
         other = rankings.images[row][others[row] & (rankings.products[row] >= 0)]
         if other.size:
-            first_other[row] = first[row] if other[0] == shown[0] else count_agreeing(photo, keypoints(load(int(other[0]))))
+            points_other[row], correlation_other[row] = ((points[row], correlation[row]) if other[0] == shown[0]
+                                                         else check(int(other[0])))
         if on_progress:
             on_progress(row + 1)
-    return AgreeingPoints(first, first_other)
+    return Verification(points, points_other, correlation, correlation_other)
 
 
-def match_calibration(rankings: Rankings, category_of: dict[int, str], points: AgreeingPoints | None = None) -> dict:
+def match_calibration(rankings: Rankings, category_of: dict[int, str], checks: Verification | None = None) -> dict:
     """Thresholds for a result's labels: "same_product" for a first result whose photo and image agree in
-    at least ``verified_points`` local features, or whose score reaches a threshold *and* stands out from
-    the next product's by a margin; "weak" below a score.
+    at least ``verified_points`` local features, or whose product aligned onto the photo correlates with it
+    by at least ``aligned_correlation``, or whose score reaches a threshold *and* stands out from the next
+    product's by a margin; "weak" below a score.
 
     Every query stands in for two shoppers: one whose product is in the catalog (the ranking as it is),
     and one whose product is not (the same ranking without that product). A score alone cannot tell them
     apart well: a product the catalog does not sell can still look much like several it does. What marks
     the same product is a first result that stands out from the rest (the ratio test of image matching) or,
-    better, details of the photo that one view carries onto the catalog image (``points``: geometric
-    verification). Of every (points, score, margin) on a grid, the rule kept is the one that labels the
+    better, the photo and the catalog image agreeing under one view (``checks``: geometric verification).
+    Of every (points, correlation, score, margin) on a grid, the rule kept is the one that labels the
     most correct first results "same_product" while those labels are right at least SAME_PRODUCT_PRECISION
     of the time and name a product for at most SAME_PRODUCT_FALSE_RATE of the out-of-catalog shoppers.
     "weak" is where a result becomes less likely related (same product or category) than not, by isotonic
@@ -181,7 +193,7 @@ def match_calibration(rankings: Rankings, category_of: dict[int, str], points: A
     from sklearn.isotonic import IsotonicRegression  # on first use: scikit-learn takes a while to import
 
     truth, products, scores = rankings.truth, rankings.products, rankings.scores
-    rule = _same_product_rule(truth, products, scores, points)
+    rule = _same_product_rule(truth, products, scores, checks)
     weak = None
     if category_of:
         shown = (products[:, :10] >= 0) & np.isfinite(scores[:, :10])
@@ -206,11 +218,11 @@ def _first_two(scores: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.nda
     return ordered[:, 0], second
 
 
-def _same_product_rule(truth, products, scores, points: AgreeingPoints | None) -> dict:
+def _same_product_rule(truth, products, scores, checks: Verification | None) -> dict:
     """The best rule's thresholds (None where it uses none, all None if no rule holds), the share of correct
     first results it labels and its out-of-catalog rate."""
-    none = {"same_product": None, "margin": None, "verified_points": None, "same_product_recall": 0.0,
-            "false_same_rate": 0.0}
+    none = {"same_product": None, "margin": None, "verified_points": None, "aligned_correlation": None,
+            "same_product_recall": 0.0, "false_same_rate": 0.0}
     first_right = products[:, 0] == truth
     in_first, in_second = _first_two(scores, products >= 0)
     out_first, out_second = _first_two(scores, (products >= 0) & (products != truth[:, None]))
@@ -223,45 +235,60 @@ def _same_product_rule(truth, products, scores, points: AgreeingPoints | None) -
     score_grid = np.append(np.unique(np.quantile(seen, np.linspace(0, 1, 81))), np.inf)
     margins = np.concatenate([in_margin, out_margin[np.isfinite(out_first)]])
     margin_grid = np.unique(np.concatenate([[0.0], np.quantile(margins, np.linspace(0, 0.98, 50))]))
-    points_grid = np.array([*(POINTS_GRID if points is not None else ()), np.inf])
-    in_points = points.first if points is not None else np.zeros(len(truth))
-    out_points = points.first_other if points is not None else np.zeros(len(truth))
+    checked = checks is not None
+    points_grid = np.array([*(POINTS_GRID if checked else ()), np.inf])
+    # Unused first: a correlation that labels no more than the rule without it is not asked for.
+    correlation_grid = [np.inf, *(CORRELATION_GRID if checked else ())]
+    if not checked:
+        nothing, unaligned = np.zeros(len(truth), dtype=np.int64), np.full(len(truth), -1.0)
+        checks = Verification(nothing, nothing, unaligned, unaligned)
+    listed = np.isfinite(out_first)  # the out-of-catalog shopper is shown a product at all
     by_score_in = (in_first[None, None, :] >= score_grid[:, None, None]) & (in_margin[None, None, :] >= margin_grid[None, :, None])
-    by_score_out = (np.isfinite(out_first) & (out_first >= score_grid[:, None, None]) &
+    by_score_out = (listed & (out_first >= score_grid[:, None, None]) &
                     (out_margin[None, None, :] >= margin_grid[None, :, None]))
     # [points, score, margin, query]
-    said_in = by_score_in[None] | (in_points[None, None, None, :] >= points_grid[:, None, None, None])
-    said_out = by_score_out[None] | (np.isfinite(out_first) & (out_points >= points_grid[:, None, None, None]))
-    right = (said_in & first_right).sum(axis=3)
-    wrong = (said_in & ~first_right).sum(axis=3) + said_out.sum(axis=3)
-    false_rate = said_out.sum(axis=3) / len(truth)
-    precision = np.where(right > 0, right / np.maximum(1, right + wrong), 0.0)
-    allowed = (right > 0) & (precision >= SAME_PRODUCT_PRECISION) & (false_rate <= SAME_PRODUCT_FALSE_RATE)
-    if not allowed.any():
+    by_points_in = by_score_in[None] | (checks.points[None, None, None, :] >= points_grid[:, None, None, None])
+    by_points_out = by_score_out[None] | (listed & (checks.points_other >= points_grid[:, None, None, None]))
+    best, best_right = None, 0
+    for correlation in correlation_grid:
+        said_in = by_points_in | (checks.correlation >= correlation)
+        said_out = by_points_out | (listed & (checks.correlation_other >= correlation))
+        right = (said_in & first_right).sum(axis=3)
+        wrong = (said_in & ~first_right).sum(axis=3) + said_out.sum(axis=3)
+        false_rate = said_out.sum(axis=3) / len(truth)
+        precision = np.where(right > 0, right / np.maximum(1, right + wrong), 0.0)
+        allowed = (right > 0) & (precision >= SAME_PRODUCT_PRECISION) & (false_rate <= SAME_PRODUCT_FALSE_RATE)
+        if allowed.any():
+            cell = np.unravel_index(np.argmax(np.where(allowed, right, -1)), right.shape)
+            if right[cell] > best_right:
+                best, best_right = (correlation, *cell, float(false_rate[cell])), int(right[cell])
+    if best is None:
         return none
-    best = np.unravel_index(np.argmax(np.where(allowed, right, -1)), right.shape)
+    correlation, points_at, score_at, margin_at, false_rate = best
 
     def used(value: float) -> float | None:
         return float(value) if np.isfinite(value) else None
 
-    by_score = np.isfinite(score_grid[best[1]])
-    return {"same_product": used(score_grid[best[1]]), "margin": float(margin_grid[best[2]]) if by_score else None,
-            "verified_points": used(points_grid[best[0]]),
-            "same_product_recall": float(right[best] / first_right.sum()), "false_same_rate": float(false_rate[best])}
+    by_score = np.isfinite(score_grid[score_at])
+    return {"same_product": used(score_grid[score_at]), "margin": float(margin_grid[margin_at]) if by_score else None,
+            "verified_points": used(points_grid[points_at]), "aligned_correlation": used(correlation),
+            "same_product_recall": best_right / float(first_right.sum()), "false_same_rate": false_rate}
 
 
 def match_of(score: float, calibration: dict | None, *, margin: float | None = None, first: bool = True,
-             points: int | None = None) -> str:
+             points: int | None = None, correlation: float | None = None) -> str:
     """ "same_product", "similar" or "weak" for a result's score; "similar" before any calibration.
 
     ``margin``: how far this result's score is above the next product's; with a calibrated margin, only the
-    first result can be "same_product", and only when it stands out by that much. ``points``: the query
-    photo's local features that agree with this result's image (``ml.verify``), when they were counted."""
+    first result can be "same_product", and only when it stands out by that much. ``points`` and
+    ``correlation``: how the query photo agrees with this result's image (``ml.verify``), when checked."""
     if not calibration:
         return "similar"
-    threshold, needed, verified = (calibration.get("same_product"), calibration.get("margin"),
-                                   calibration.get("verified_points"))
+    threshold, needed = calibration.get("same_product"), calibration.get("margin")
+    verified, aligned = calibration.get("verified_points"), calibration.get("aligned_correlation")
     if first and verified is not None and points is not None and points >= verified:
+        return "same_product"
+    if first and aligned is not None and correlation is not None and correlation >= aligned:
         return "same_product"
     if threshold is not None and score >= threshold and (
             needed is None or (first and (margin is None or margin >= needed))):
@@ -271,11 +298,18 @@ def match_of(score: float, calibration: dict | None, *, margin: float | None = N
     return "similar"
 
 
-def needs_points(score: float, calibration: dict | None, *, margin: float | None) -> bool:
-    """Whether a first result's label depends on counting its agreeing local features: the calibration uses
-    them and the score alone does not already make it "same_product"."""
-    return bool(calibration and calibration.get("verified_points") is not None
-                and match_of(score, calibration, margin=margin) != "same_product")
+def first_match(score: float, calibration: dict | None, *, margin: float | None,
+                points: Callable[[], int | None], correlation: Callable[[], float | None]) -> str:
+    """The first result's label, checking its image against the photo (``points()``, then ``correlation()``,
+    each tens of milliseconds) only while the calibration uses the check and nothing has decided yet."""
+    label = match_of(score, calibration, margin=margin)
+    if label == "same_product" or not calibration:
+        return label
+    if calibration.get("verified_points") is not None:
+        label = match_of(score, calibration, margin=margin, points=points())
+    if label != "same_product" and calibration.get("aligned_correlation") is not None:
+        label = match_of(score, calibration, margin=margin, correlation=correlation())
+    return label
 
 
 def category_metrics(train: tuple[np.ndarray, list[str], list[int]], test: tuple[np.ndarray, list[str]], *,

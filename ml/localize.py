@@ -68,6 +68,17 @@ def activation(maps: np.ndarray) -> np.ndarray:
     return (energy - low) / (high - low) if high > low else np.zeros_like(energy)
 
 
+def on_plain_background(pixels: np.ndarray) -> np.ndarray | None:
+    """Where an image ([h, w, 3] floats in 0-1) stands out from its border's colour when that border is one
+    plain colour (a product shot), as a boolean mask; None on a busy background."""
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    background = np.median(border, axis=0)
+    if np.abs(border - background).max(axis=1).mean() >= _PLAIN_BORDER:
+        return None
+    return np.abs(pixels - background).max(axis=2) > _STANDS_OUT
+
+
 def object_boxes(image: Image.Image, maps: np.ndarray, preset: EvalPreset, *, max_objects: int = MAX_OBJECTS) -> list[Box]:
     """The distinct objects of a photo, strongest first.
 
@@ -81,12 +92,8 @@ def object_boxes(image: Image.Image, maps: np.ndarray, preset: EvalPreset, *, ma
     out = (small.width, small.height)
     heat = to_image(activation(maps), preset, image.size, out=out)
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-9)
-    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
-    background = np.median(border, axis=0)
-    if np.abs(border - background).max(axis=1).mean() < _PLAIN_BORDER:
-        mask = np.abs(pixels - background).max(axis=2) > _STANDS_OUT
-    else:
+    mask = on_plain_background(pixels)
+    if mask is None:
         mask = heat >= OBJECT_THRESHOLD
     # Closed with a margin around it, so the array is never smaller than the structure: unpadded, scipy's
     # binary_closing corrupted the heap on the corpus's tiny images (test_bad_input.py crashed at random).

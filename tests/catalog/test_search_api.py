@@ -283,6 +283,17 @@ def test_a_first_result_whose_details_agree_with_the_photo_is_the_same_product(a
     assert elsewhere and elsewhere[0]["match"] == "similar"
 
 
+def test_a_first_result_whose_image_aligns_with_the_photo_is_the_same_product(anon, catalog, photo):
+    """With scores out of reach and no local features asked for, the alignment of the result's image onto the
+    photo says "same_product" for the product photographed, and not for a photo of something else."""
+    calibrate(same_product=None, margin=None, verified_points=None, aligned_correlation=0.9, weak=0.0)
+    results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
+    assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "same_product"
+    assert {hit["match"] for hit in results[1:]} == {"similar"}, "only the first result is checked"
+    elsewhere = post_image(anon, phone_photo(photo("immunohistochemistry"))).json()["results"]
+    assert elsewhere and elsewhere[0]["match"] == "similar"
+
+
 def test_a_first_result_whose_image_is_gone_is_labelled_by_its_score(anon, catalog, photo):
     calibrate(same_product=None, margin=None, verified_points=12, weak=0.0)
     from django.core.files.storage import default_storage

@@ -4,8 +4,9 @@ import numpy as np
 from ml.catalog_eval import (
     SAME_PRODUCT_FALSE_RATE,
     SAME_PRODUCT_PRECISION,
-    AgreeingPoints,
     Rankings,
+    Verification,
+    first_match,
     match_calibration,
     match_of,
 )
@@ -51,7 +52,7 @@ def test_same_product_needs_a_first_result_that_stands_out():
     assert out_said / len(fresh.truth) <= 0.05
 
 
-def crowded(seed: int = 0, queries: int = 400, depth: int = 20) -> tuple[Rankings, AgreeingPoints]:
+def crowded(seed: int = 0, queries: int = 400, depth: int = 20) -> tuple[Rankings, Verification]:
     """Rankings where scores tell nothing (the own product first for 60 % of the queries, but inside the
     crowd), and agreeing local features that do: many for most photos of the product shown first, a few
     for the lookalikes, now and then several (a lookalike sharing a logo)."""
@@ -72,7 +73,8 @@ def crowded(seed: int = 0, queries: int = 400, depth: int = 20) -> tuple[Ranking
         own = int(rng.integers(12, 80)) if rng.random() < 0.9 else int(rng.integers(0, 4))
         first[row] = own if found else lookalike_points()
         first_other[row] = lookalike_points()
-    return Rankings(truth, products, scores), AgreeingPoints(first, first_other)
+    unaligned = np.full(queries, -1.0)
+    return Rankings(truth, products, scores), Verification(first, first_other, unaligned, unaligned)
 
 
 def test_agreeing_local_features_make_same_product_where_scores_cannot():
@@ -86,12 +88,12 @@ def test_agreeing_local_features_make_same_product_where_scores_cannot():
     said = right = out_said = 0
     for row, (truth, products, scores) in enumerate(zip(fresh.truth, fresh.products, fresh.scores)):
         label = match_of(float(scores[0]), calibration, margin=float(scores[0] - scores[1]),
-                         points=int(fresh_points.first[row]))
+                         points=int(fresh_points.points[row]))
         said += label == "same_product"
         right += label == "same_product" and products[0] == truth
         others = scores[products != truth]
         out_said += match_of(float(others[0]), calibration, margin=float(others[0] - others[1]),
-                             points=int(fresh_points.first_other[row])) == "same_product"
+                             points=int(fresh_points.points_other[row])) == "same_product"
     assert said and right / said >= SAME_PRODUCT_PRECISION - 0.02, (right, said)
     assert out_said / len(fresh.truth) <= 0.05
     found = fresh.products[:, 0] == fresh.truth
@@ -114,3 +116,80 @@ def test_agreeing_features_label_the_first_result_only():
     assert match_of(0.5, calibration, points=9) == "similar"
     assert match_of(0.5, calibration, points=40, first=False) == "similar"
     assert match_of(0.5, calibration) == "similar"  # not counted: the image could not be read
+
+
+def flat_artwork(seed: int = 0, queries: int = 400, depth: int = 20) -> tuple[Rankings, Verification]:
+    """The crowd again, of flat artwork this time: no local features agree for any photo, but the product
+    aligned onto the photo correlates closely (0.93-1.0) for most photos of the product shown first, and
+    less (0.5-0.9) for lookalikes, now and then as closely (a letter and its capital)."""
+    rankings, _ = crowded(seed, queries, depth)
+    rng = np.random.default_rng(seed + 100)
+    found = rankings.products[:, 0] == rankings.truth
+
+    def lookalike() -> float:
+        return float(rng.uniform(0.94, 0.99)) if rng.random() < 0.01 else float(rng.uniform(0.5, 0.9))
+
+    own = np.array([rng.uniform(0.93, 1.0) if rng.random() < 0.9 else rng.uniform(0.3, 0.8) for _ in found])
+    correlation = np.where(found, own, [lookalike() for _ in found])
+    correlation_other = np.array([lookalike() for _ in found])
+    none = np.zeros(queries, dtype=np.int64)
+    return rankings, Verification(none, none, correlation, correlation_other)
+
+
+def test_an_aligned_product_makes_same_product_where_neither_scores_nor_local_features_can():
+    rankings, checks = flat_artwork()
+    calibration = match_calibration(rankings, {}, checks)
+    assert calibration["aligned_correlation"] is not None and calibration["same_product_recall"] >= 0.8, calibration
+
+    fresh, fresh_checks = flat_artwork(seed=1)
+    said = right = out_said = 0
+    for row, (truth, products, scores) in enumerate(zip(fresh.truth, fresh.products, fresh.scores)):
+        label = match_of(float(scores[0]), calibration, margin=float(scores[0] - scores[1]), points=0,
+                         correlation=float(fresh_checks.correlation[row]))
+        said += label == "same_product"
+        right += label == "same_product" and products[0] == truth
+        others = scores[products != truth]
+        out_said += match_of(float(others[0]), calibration, margin=float(others[0] - others[1]), points=0,
+                             correlation=float(fresh_checks.correlation_other[row])) == "same_product"
+    assert said and right / said >= SAME_PRODUCT_PRECISION - 0.02, (right, said)
+    assert out_said / len(fresh.truth) <= 0.05
+    assert right / (fresh.products[:, 0] == fresh.truth).sum() >= 0.8
+
+
+def test_a_correlation_that_adds_nothing_is_not_asked_for():
+    rankings, points = crowded()
+    assert match_calibration(rankings, {}, points)["aligned_correlation"] is None  # nothing aligned: -1 everywhere
+
+
+def test_the_first_result_is_checked_only_while_nothing_has_decided():
+    asked = []
+
+    def points() -> int:
+        asked.append("points")
+        return 12
+
+    def correlation() -> float:
+        asked.append("correlation")
+        return 0.99
+
+    both = {"same_product": 0.8, "margin": 0.05, "verified_points": 10, "aligned_correlation": 0.95, "weak": 0.3}
+    assert first_match(0.9, both, margin=0.1, points=points, correlation=correlation) == "same_product"
+    assert asked == []  # the score and margin decided
+    assert first_match(0.5, both, margin=0.0, points=points, correlation=correlation) == "same_product"
+    assert asked == ["points"]  # the local features decided
+    asked.clear()
+    assert first_match(0.5, {**both, "verified_points": None}, margin=0.0, points=points,
+                       correlation=correlation) == "same_product"
+    assert asked == ["correlation"]
+    asked.clear()
+    assert first_match(0.5, None, margin=0.0, points=points, correlation=correlation) == "similar" and asked == []
+    # An image that can no longer be read is not checked: the label rests on the score.
+    assert first_match(0.5, both, margin=0.0, points=lambda: None, correlation=lambda: None) == "similar"
+
+
+def test_an_aligned_product_labels_the_first_result_only():
+    calibration = {"same_product": None, "margin": None, "verified_points": None, "aligned_correlation": 0.95,
+                   "weak": 0.3}
+    assert match_of(0.5, calibration, correlation=0.96) == "same_product"
+    assert match_of(0.5, calibration, correlation=0.94) == "similar"
+    assert match_of(0.5, calibration, correlation=0.99, first=False) == "similar"

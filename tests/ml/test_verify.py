@@ -1,10 +1,10 @@
 """Geometric verification: a phone photo of a product agrees with its catalog image; other products, mirror
 images and upside-down views do not."""
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from ml.augment import shopper_photo
-from ml.verify import agreeing_points, keypoints, plausible_view
+from ml.verify import agreeing_points, aligned_correlation, keypoints, plausible_view, template
 from tests.ml.photos import photo
 
 
@@ -46,3 +46,44 @@ def test_an_image_without_detail_agrees_with_nothing():
     blank = keypoints(Image.new("RGB", (200, 200), "white"))
     assert len(blank.descriptors) == 0
     assert agreeing_points(blank, keypoints(photo("coffee"))) == 0
+
+
+def artwork(shape: str, colour=(200, 40, 40)) -> Image.Image:
+    """Flat artwork on white, as a catalog's icons, letters and flags are: one colour, hardly any corners."""
+    image = Image.new("RGB", (120, 120), "white")
+    draw = ImageDraw.Draw(image)
+    if shape == "arrow":
+        draw.polygon([(15, 50), (70, 50), (70, 25), (108, 60), (70, 95), (70, 70), (15, 70)], fill=colour)
+    elif shape == "flag":
+        draw.rectangle((20, 15, 28, 105), fill=(60, 60, 60))
+        draw.polygon([(28, 15), (100, 35), (28, 60)], fill=colour)
+    else:
+        draw.ellipse((20, 20, 100, 100), fill=colour)
+        draw.ellipse((45, 45, 75, 75), fill="white")
+    return image
+
+
+def test_flat_artwork_without_local_features_still_aligns_with_its_own_image_only():
+    own_aligned = 0
+    for seed in range(4):
+        for shape in ("arrow", "flag"):
+            shot = phone_photo(artwork(shape), seed)
+            assert agreeing_points(keypoints(shot), keypoints(artwork(shape))) < 6  # too few details to agree on
+            own_aligned += aligned_correlation(shot, template(artwork(shape))) >= 0.9
+            other = "flag" if shape == "arrow" else "arrow"
+            for lookalike in (artwork(other), artwork("ring"), artwork(shape, colour=(40, 160, 60)),
+                              ImageOps.mirror(artwork(shape))):
+                assert aligned_correlation(shot, template(lookalike)) < 0.9, (seed, shape)
+    assert own_aligned >= 6, own_aligned  # of 8 photos
+
+
+def test_the_product_of_a_product_shot_is_what_stands_out_from_its_plain_background():
+    shot = template(artwork("flag"))
+    rows, columns = np.nonzero(shot.mask)
+    assert shot.mask.shape == shot.pixels.shape[:2] and max(shot.mask.shape) == 128
+    assert rows.min() == 0 and columns.min() == 0  # cropped to the product
+    assert 0.2 < (shot.mask > 0).mean() < 0.8  # the white between the pole and the flag's tip is not product
+    scene = template(photo("coffee"))
+    assert (scene.mask > 0).all()  # not on white: the whole image
+    assert template(Image.new("RGB", (50, 50), "white")) is None
+    assert aligned_correlation(phone_photo(artwork("arrow"), 1), None) == -1.0
