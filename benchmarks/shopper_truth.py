@@ -118,7 +118,8 @@ def main() -> None:
     process_cache.clear_all()
     calibration = serving_version().metrics["calibration"]
     rule = " or ".join(part for part in (
-        calibration["verified_points"] is not None and f"at least {calibration['verified_points']:.0f} agreeing local features",
+        calibration.get("verified_points") is not None and
+        f"at least {calibration['verified_points']:.0f} agreeing local features",
         calibration.get("aligned_correlation") is not None and
         f"the product aligned onto the photo correlating >= {calibration['aligned_correlation']:.2f}",
         calibration["same_product"] is not None and f"score >= {calibration['same_product']:.3f} and margin >= "

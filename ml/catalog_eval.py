@@ -231,14 +231,15 @@ def _same_product_rule(truth, products, scores, checks: Verification | None) -> 
     seen = np.concatenate([in_first[np.isfinite(in_first)], out_first[np.isfinite(out_first)]])
     if not seen.size or not first_right.any():
         return none
-    # The last entry of each grid is a threshold nothing reaches: that part of the rule unused.
+    # The score grid's last entry is a threshold nothing reaches: that part of the rule unused.
     score_grid = np.append(np.unique(np.quantile(seen, np.linspace(0, 1, 81))), np.inf)
     margins = np.concatenate([in_margin, out_margin[np.isfinite(out_first)]])
     margin_grid = np.unique(np.concatenate([[0.0], np.quantile(margins, np.linspace(0, 0.98, 50))]))
     checked = checks is not None
-    points_grid = np.array([*(POINTS_GRID if checked else ()), np.inf])
-    # Unused first: a correlation that labels no more than the rule without it is not asked for.
-    correlation_grid = [np.inf, *(CORRELATION_GRID if checked else ())]
+    # Unused first, then strictest first: of rules that label as many correct first results with as few
+    # wrong ones, the kept one asks for no check it does not need, and for the most agreement.
+    points_grid = np.array([np.inf, *(sorted(POINTS_GRID, reverse=True) if checked else ())])
+    correlation_grid = [np.inf, *(sorted(CORRELATION_GRID, reverse=True) if checked else ())]
     if not checked:
         nothing, unaligned = np.zeros(len(truth), dtype=np.int64), np.full(len(truth), -1.0)
         checks = Verification(nothing, nothing, unaligned, unaligned)
@@ -249,7 +250,7 @@ def _same_product_rule(truth, products, scores, checks: Verification | None) -> 
     # [points, score, margin, query]
     by_points_in = by_score_in[None] | (checks.points[None, None, None, :] >= points_grid[:, None, None, None])
     by_points_out = by_score_out[None] | (listed & (checks.points_other >= points_grid[:, None, None, None]))
-    best, best_right = None, 0
+    best, best_right, best_key = None, 0, -1
     for correlation in correlation_grid:
         said_in = by_points_in | (checks.correlation >= correlation)
         said_out = by_points_out | (listed & (checks.correlation_other >= correlation))
@@ -258,10 +259,11 @@ def _same_product_rule(truth, products, scores, checks: Verification | None) -> 
         false_rate = said_out.sum(axis=3) / len(truth)
         precision = np.where(right > 0, right / np.maximum(1, right + wrong), 0.0)
         allowed = (right > 0) & (precision >= SAME_PRODUCT_PRECISION) & (false_rate <= SAME_PRODUCT_FALSE_RATE)
-        if allowed.any():
-            cell = np.unravel_index(np.argmax(np.where(allowed, right, -1)), right.shape)
-            if right[cell] > best_right:
-                best, best_right = (correlation, *cell, float(false_rate[cell])), int(right[cell])
+        # The most correct labels, and of those the fewest wrong ones.
+        key = np.where(allowed, right * (2 * len(truth) + 1) - wrong, -1)
+        cell = np.unravel_index(np.argmax(key), key.shape)
+        if key[cell] > best_key:
+            best, best_right, best_key = (correlation, *cell, float(false_rate[cell])), int(right[cell]), int(key[cell])
     if best is None:
         return none
     correlation, points_at, score_at, margin_at, false_rate = best

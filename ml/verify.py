@@ -34,6 +34,7 @@ ALIGN_SCALES = tuple(np.geomspace(0.3, 1.0, 6).tolist())  # the product's longer
 ALIGN_TURNS = (-30.0, -15.0, 0.0, 15.0, 30.0)  # degrees: ECC refines between them
 ALIGN_REFINED = 3  # the best placements refined by ECC
 ALIGN_BLUR = 1.0  # both images are smoothed a little: a phone photo's noise and JPEG blocks do not count
+MASK_SIDE = 4 * ALIGN_SIDE  # the catalog image's product is found at most this large
 ALIGN_MIN_PIXELS = 200  # a placed product covering fewer pixels agrees with too much by chance
 ALIGN_MAX_DRIFT = 0.25  # ECC may move the product's corners this share of its diagonal from the placement
 
@@ -103,6 +104,8 @@ def template(image: Image.Image) -> Template | None:
     import cv2
 
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if max(pixels.shape[:2]) > MASK_SIDE:  # a large master: its mask at full size would cost gigabytes
+        pixels = cv2.resize(pixels, _fitted(pixels.shape, MASK_SIDE), interpolation=cv2.INTER_AREA)
     product = on_plain_background(pixels.astype(np.float32) / 255)
     if product is None:
         product = np.ones(pixels.shape[:2], dtype=bool)
@@ -140,7 +143,8 @@ def aligned_correlation(query: Image.Image, match: Template | None) -> float:
                 continue
             turned = cv2.warpAffine(pixels, view[:2], turned_size, flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255))
             scores = cv2.matchTemplate(photo, turned.astype(np.float32), cv2.TM_CCOEFF_NORMED, mask=turned_mask)
-            scores = np.where(np.isfinite(scores), scores, -1.0)
+            # Over flat parts of the photo masked matching can return anything, inf and NaN included.
+            scores = np.where(np.isfinite(scores) & (np.abs(scores) <= 1.0 + 1e-3), scores, -1.0)
             y, x = np.unravel_index(int(np.argmax(scores)), scores.shape)
             placed = view.copy()
             placed[:2, 2] += (x, y)
@@ -155,9 +159,21 @@ def aligned_correlation(query: Image.Image, match: Template | None) -> float:
                 (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-4), 1)
         except cv2.error:  # ECC did not converge from this placement
             continue
-        if plausible_view(refined.astype(np.float64)) and _drift(view, refined, pixels.shape) <= ALIGN_MAX_DRIFT:
+        refined = refined.astype(np.float64)
+        if (np.isfinite(refined).all() and plausible_view(refined)
+                and _drift(view, refined, pixels.shape) <= ALIGN_MAX_DRIFT
+                and _shown(mask, refined, photo.shape) >= ALIGN_MIN_PIXELS):
             best = max(best, float(coefficient))
     return best
+
+
+def _shown(mask: np.ndarray, view: np.ndarray, shape: tuple[int, ...]) -> int:
+    """How many of the product's pixels a view puts inside the photo (one pushed off it, or shrunk to a sliver,
+    agrees by chance)."""
+    import cv2
+
+    return int(np.count_nonzero(cv2.warpPerspective(mask, view, (shape[1], shape[0]), flags=cv2.INTER_NEAREST,
+                                                    borderValue=0)))
 
 
 def _drift(placed: np.ndarray, refined: np.ndarray, shape: tuple[int, ...]) -> float:

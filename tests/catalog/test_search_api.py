@@ -10,6 +10,7 @@ from PIL import Image
 from catalog import search, services
 from catalog.model_versions import serving_version
 from catalog.models import Product, ProductImage
+from ml import verify
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -272,26 +273,42 @@ def phone_photo(data: bytes, seed: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_first_result_whose_details_agree_with_the_photo_is_the_same_product(anon, catalog, photo):
+def test_a_first_result_whose_details_agree_with_the_photo_is_the_same_product(anon, catalog, photo, monkeypatch):
     """With a calibration whose scores are out of reach, only the geometric check can say "same_product"."""
     calibrate(same_product=None, margin=None, verified_points=12, weak=0.0)
+    counted = []
+    monkeypatch.setattr(search, "agreeing_points",
+                        lambda query, match: counted.append(match) or verify.agreeing_points(query, match))
     results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
     assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "same_product"
-    assert {hit["match"] for hit in results[1:]} == {"similar"}, "only the first result is checked"
+    assert {hit["match"] for hit in results[1:]} == {"similar"}
+    assert len(counted) == 1, "only the first result is checked"
     # A product the catalog does not sell comes first as something similar, never as the same product.
     elsewhere = post_image(anon, phone_photo(photo("immunohistochemistry"))).json()["results"]
     assert elsewhere and elsewhere[0]["match"] == "similar"
 
 
-def test_a_first_result_whose_image_aligns_with_the_photo_is_the_same_product(anon, catalog, photo):
+def test_a_first_result_whose_image_aligns_with_the_photo_is_the_same_product(anon, catalog, photo, monkeypatch):
     """With scores out of reach and no local features asked for, the alignment of the result's image onto the
     photo says "same_product" for the product photographed, and not for a photo of something else."""
     calibrate(same_product=None, margin=None, verified_points=None, aligned_correlation=0.9, weak=0.0)
+    aligned = []
+    monkeypatch.setattr(search, "aligned_correlation",
+                        lambda query, match: aligned.append(match) or verify.aligned_correlation(query, match))
     results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
     assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "same_product"
-    assert {hit["match"] for hit in results[1:]} == {"similar"}, "only the first result is checked"
+    assert {hit["match"] for hit in results[1:]} == {"similar"}
+    assert len(aligned) == 1, "only the first result is checked"
     elsewhere = post_image(anon, phone_photo(photo("immunohistochemistry"))).json()["results"]
     assert elsewhere and elsewhere[0]["match"] == "similar"
+
+
+def test_a_sliver_of_a_photo_is_checked_without_an_error(anon, catalog, photo):
+    calibrate(same_product=None, margin=None, verified_points=12, aligned_correlation=0.9, weak=0.0)
+    for box in ("0,0,0.02,0.02", "0,0,1,0.02", "0.5,0,0.52,1"):  # the smallest boxes allowed
+        response = post_image(anon, phone_photo(photo("coffee")), box=box)
+        assert response.status_code == 200, (box, response.content)
+        assert response.json()["results"], box
 
 
 def test_a_first_result_whose_image_is_gone_is_labelled_by_its_score(anon, catalog, photo):

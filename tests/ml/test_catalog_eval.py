@@ -140,6 +140,7 @@ def test_an_aligned_product_makes_same_product_where_neither_scores_nor_local_fe
     rankings, checks = flat_artwork()
     calibration = match_calibration(rankings, {}, checks)
     assert calibration["aligned_correlation"] is not None and calibration["same_product_recall"] >= 0.8, calibration
+    assert calibration["verified_points"] is None, "local features that agree nowhere are not asked for"
 
     fresh, fresh_checks = flat_artwork(seed=1)
     said = right = out_said = 0

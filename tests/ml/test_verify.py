@@ -72,7 +72,7 @@ def test_flat_artwork_without_local_features_still_aligns_with_its_own_image_onl
             own_aligned += aligned_correlation(shot, template(artwork(shape))) >= 0.9
             other = "flag" if shape == "arrow" else "arrow"
             for lookalike in (artwork(other), artwork("ring"), artwork(shape, colour=(40, 160, 60)),
-                              ImageOps.mirror(artwork(shape))):
+                              artwork(shape, colour=(40, 40, 200)), ImageOps.mirror(artwork(shape))):
                 assert aligned_correlation(shot, template(lookalike)) < 0.9, (seed, shape)
     assert own_aligned >= 6, own_aligned  # of 8 photos
 
@@ -86,4 +86,8 @@ def test_the_product_of_a_product_shot_is_what_stands_out_from_its_plain_backgro
     scene = template(photo("coffee"))
     assert (scene.mask > 0).all()  # not on white: the whole image
     assert template(Image.new("RGB", (50, 50), "white")) is None
+    master = Image.new("RGB", (6000, 4000), "white")  # a large master is found small, its product the same
+    ImageDraw.Draw(master).rectangle((1500, 1000, 4500, 3000), fill=(30, 90, 200))
+    found = template(master)
+    assert found.pixels.shape[1] == 128 and 84 <= found.pixels.shape[0] <= 86 and (found.mask > 0).mean() > 0.95
     assert aligned_correlation(phone_photo(artwork("arrow"), 1), None) == -1.0
