@@ -6,6 +6,7 @@ READER_CHECK_SECONDS and swaps in a new version without blocking searches alread
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from django.conf import settings
@@ -145,26 +146,20 @@ class FirstResultCheck:
 
     searched: Image.Image
     hit: ProductHit
-    _reference: tuple[Keypoints, Template | None] | None = None
-    _unreadable: bool = False
 
     def points(self) -> int | None:
-        reference = self._read()
-        return agreeing_points(keypoints(self.searched), reference[0]) if reference else None
+        return agreeing_points(keypoints(self.searched), self._reference[0]) if self._reference else None
 
     def correlation(self) -> float | None:
-        reference = self._read()
-        return aligned_correlation(self.searched, reference[1]) if reference else None
+        return aligned_correlation(self.searched, self._reference[1]) if self._reference else None
 
-    def _read(self) -> tuple[Keypoints, Template | None] | None:
-        if self._reference is None and not self._unreadable:
-            try:
-                self._reference = _catalog_checks.get(self.hit.image_id, self._load)
-            except (OSError, ImageDecodeError) as exc:
-                log.warning("the first result's image %s cannot be checked against the photo: %s",
-                            self.hit.image_id, exc)
-                self._unreadable = True
-        return self._reference
+    @cached_property
+    def _reference(self) -> tuple[Keypoints, Template | None] | None:
+        try:
+            return _catalog_checks.get(self.hit.image_id, self._load)
+        except (OSError, ImageDecodeError) as exc:
+            log.warning("the first result's image %s cannot be checked against the photo: %s", self.hit.image_id, exc)
+            return None
 
     def _load(self) -> tuple[Keypoints, Template | None]:
         # The hit's product came with its images: no query for the file's name.

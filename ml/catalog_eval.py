@@ -250,7 +250,7 @@ def _same_product_rule(truth, products, scores, checks: Verification | None) -> 
     # [points, score, margin, query]
     by_points_in = by_score_in[None] | (checks.points[None, None, None, :] >= points_grid[:, None, None, None])
     by_points_out = by_score_out[None] | (listed & (checks.points_other >= points_grid[:, None, None, None]))
-    best, best_right, best_key = None, 0, -1
+    best = None  # (key, correlation, points, score and margin positions, out-of-catalog rate, right)
     for correlation in correlation_grid:
         said_in = by_points_in | (checks.correlation >= correlation)
         said_out = by_points_out | (listed & (checks.correlation_other >= correlation))
@@ -262,11 +262,11 @@ def _same_product_rule(truth, products, scores, checks: Verification | None) -> 
         # The most correct labels, and of those the fewest wrong ones.
         key = np.where(allowed, right * (2 * len(truth) + 1) - wrong, -1)
         cell = np.unravel_index(np.argmax(key), key.shape)
-        if key[cell] > best_key:
-            best, best_right, best_key = (correlation, *cell, float(false_rate[cell])), int(right[cell]), int(key[cell])
+        if key[cell] >= 0 and (best is None or key[cell] > best[0]):
+            best = (int(key[cell]), correlation, *cell, float(false_rate[cell]), int(right[cell]))
     if best is None:
         return none
-    correlation, points_at, score_at, margin_at, false_rate = best
+    _, correlation, points_at, score_at, margin_at, false_rate, best_right = best
 
     def used(value: float) -> float | None:
         return float(value) if np.isfinite(value) else None

@@ -50,9 +50,7 @@ def keypoints(image: Image.Image) -> Keypoints:
     import cv2  # on first use: OpenCV is only needed once a result is checked
 
     gray = image.convert("L")
-    scale = WORKING_SIDE / max(gray.size)
-    gray = gray.resize((max(8, round(gray.width * scale)), max(8, round(gray.height * scale))),
-                       Image.Resampling.BICUBIC)
+    gray = gray.resize(_fitted((gray.height, gray.width), WORKING_SIDE), Image.Resampling.BICUBIC)
     found, descriptors = cv2.SIFT_create(nfeatures=MAX_KEYPOINTS).detectAndCompute(np.asarray(gray), None)
     if descriptors is None:
         return Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))

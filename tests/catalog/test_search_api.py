@@ -273,12 +273,17 @@ def phone_photo(data: bytes, seed: int = 3) -> bytes:
     return buffer.getvalue()
 
 
+def calls_of(monkeypatch, check: str) -> list:
+    """The calls search makes of one of ``ml.verify``'s checks, recorded (the check still runs)."""
+    calls, real = [], getattr(verify, check)
+    monkeypatch.setattr(search, check, lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
 def test_a_first_result_whose_details_agree_with_the_photo_is_the_same_product(anon, catalog, photo, monkeypatch):
     """With a calibration whose scores are out of reach, only the geometric check can say "same_product"."""
     calibrate(same_product=None, margin=None, verified_points=12, weak=0.0)
-    counted = []
-    monkeypatch.setattr(search, "agreeing_points",
-                        lambda query, match: counted.append(match) or verify.agreeing_points(query, match))
+    counted = calls_of(monkeypatch, "agreeing_points")
     results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
     assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "same_product"
     assert {hit["match"] for hit in results[1:]} == {"similar"}
@@ -292,9 +297,7 @@ def test_a_first_result_whose_image_aligns_with_the_photo_is_the_same_product(an
     """With scores out of reach and no local features asked for, the alignment of the result's image onto the
     photo says "same_product" for the product photographed, and not for a photo of something else."""
     calibrate(same_product=None, margin=None, verified_points=None, aligned_correlation=0.9, weak=0.0)
-    aligned = []
-    monkeypatch.setattr(search, "aligned_correlation",
-                        lambda query, match: aligned.append(match) or verify.aligned_correlation(query, match))
+    aligned = calls_of(monkeypatch, "aligned_correlation")
     results = post_image(anon, phone_photo(photo("coffee"))).json()["results"]
     assert results[0]["product"]["sku"] == "COFFEE" and results[0]["match"] == "same_product"
     assert {hit["match"] for hit in results[1:]} == {"similar"}
